@@ -1,0 +1,352 @@
+"""The one reader per server process: polls the run dir and keeps a bounded history.
+
+Every ``refresh`` seconds the collector runs its blocking reads (status scan,
+metrics and events tails, resource sampling, log tails, its own status write)
+through ``keel.aio.BlockingRunner``, off the event loop and with a timeout each.
+A read that fails or hangs becomes an entry in ``errors`` (shown on the page);
+the loop goes on. The results are applied on the event loop thread only, so the
+browser sessions (same loop) read the histories without locks.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import collections
+import json
+import logging
+import os
+import socket
+import time
+from datetime import datetime, timezone
+from pathlib import Path
+from typing import Any, Callable
+
+from keel.aio import BlockingRunner, TaskSet, sleep_until_or_stop
+from keel.models import DashboardState, ProcessStatus, State
+from keel.resources import ResourceSample, ResourceSampler
+from keel.statusfile import JsonlTail, ReadError, Stale, StatusReader
+
+from dashboard.config import DashboardConfig
+from dashboard.history import History
+from dashboard.present import PidCheck, Verdict, error_label, event_line, is_restart, overall, process_rows
+
+log = logging.getLogger("dashboard.collector")
+
+METRIC_COLUMNS = ("step", "loss", "val_loss", "lr", "samples_per_s", "grad_norm")
+HOST_COLUMNS = ("t", "cpu", "mem_pct")
+PROC_COLUMNS = ("t", "cpu", "rss_mb")
+GPU_COLUMNS = ("t", "util", "mem_pct", "temp", "power")
+EVENTS_KEPT = 200
+LOG_TAIL_BYTES = 64 << 10
+METRICS_PER_CYCLE = 20_000  # catch up on a long file over several cycles, not in one hung read
+
+
+class LogTail:
+    """The last lines of a log file, re-read only when its (inode, size, mtime) changed."""
+
+    def __init__(self, path: str, lines: int) -> None:
+        self.path = path
+        self.lines = lines
+        self._key: tuple[int, int, int] | None = None
+        self._cached: list[str] = []
+
+    def read(self) -> list[str]:
+        """The last ``lines`` lines (JSON log records shown as time, level, message)."""
+        try:
+            st = os.stat(self.path)
+        except FileNotFoundError:
+            self._key, self._cached = None, []
+            return [f"(no log file {self.path})"]
+        key = (st.st_ino, st.st_size, st.st_mtime_ns)
+        if key == self._key:
+            return self._cached
+        with open(self.path, "rb") as f:
+            f.seek(max(0, st.st_size - LOG_TAIL_BYTES))
+            data = f.read(LOG_TAIL_BYTES)
+        lines = data.decode("utf-8", "replace").splitlines()
+        if st.st_size > LOG_TAIL_BYTES and lines:
+            lines = lines[1:]  # the first line is probably cut
+        self._cached = [_log_line(x) for x in lines[-self.lines:]] if self.lines else []
+        self._key = key
+        return self._cached
+
+
+def _log_line(line: str) -> str:
+    if line.startswith("{"):
+        try:
+            rec = json.loads(line)
+            ts = str(rec.get("ts", ""))[11:19]
+            return f"{ts} {rec.get('level', '')} {rec.get('message', '')}"[:500]
+        except ValueError:
+            pass
+    return line[:500]
+
+
+class RunDirReader:
+    """The blocking side. Each method is called from one worker thread at a time."""
+
+    def __init__(self, cfg: DashboardConfig, sampler: ResourceSampler | None = None) -> None:
+        self.cfg = cfg
+        self.status_reader = StatusReader(cfg.run_dir)
+        self.metric_tails: dict[str, JsonlTail] = {}
+        self.events_tail = JsonlTail(Path(cfg.run_dir) / "watchdog.events.jsonl")
+        self.sampler = sampler or ResourceSampler()
+        self.log_tails = {
+            p.name: LogTail(p.log_file, cfg.log_tail_lines) for p in cfg.processes if p.log_file
+        }
+
+    def scan(self) -> dict[str, ProcessStatus | ReadError]:
+        return self.status_reader.scan()
+
+    def metrics(self, names: list[str]) -> tuple[dict[str, list[dict]], dict[str, str]]:
+        """New records per stream, and an error per stream that failed (others go on)."""
+        out: dict[str, list[dict]] = {}
+        errors: dict[str, str] = {}
+        for name in names:
+            tail = self.metric_tails.get(name)
+            if tail is None:
+                tail = self.metric_tails[name] = JsonlTail(Path(self.cfg.run_dir) / f"{name}.metrics.jsonl")
+            try:
+                out[name] = tail.read_new(max_records=METRICS_PER_CYCLE)
+            except Exception as exc:  # noqa: BLE001 - one bad stream must not hide the others
+                errors[f"metrics {name}"] = f"{type(exc).__name__}: {exc}"
+        return out, errors
+
+    def events(self) -> list[dict]:
+        return self.events_tail.read_new(max_records=10_000)
+
+    def sample(self, pids: list[int]) -> ResourceSample:
+        return self.sampler.sample(pids)
+
+    def logs(self) -> dict[str, list[str]]:
+        out: dict[str, list[str]] = {}
+        for name, tail in self.log_tails.items():
+            try:
+                out[name] = tail.read()
+            except OSError as exc:
+                out[name] = [f"(cannot read {tail.path}: {exc.strerror or exc})"]
+        return out
+
+    def close(self) -> None:
+        for t in self.metric_tails.values():
+            t.close()
+        self.events_tail.close()
+        self.sampler.close()
+
+
+def _utc_now() -> datetime:
+    return datetime.now(timezone.utc)
+
+
+class Collector:
+    """Polls the run dir every ``cfg.refresh`` seconds; sessions read its public attributes."""
+
+    def __init__(
+        self,
+        cfg: DashboardConfig,
+        *,
+        reader: RunDirReader | None = None,
+        reporter_factory: Callable[[], Any] | None = None,
+        mono: Callable[[], float] = time.monotonic,
+        wall: Callable[[], datetime] = _utc_now,
+    ) -> None:
+        self.cfg = cfg
+        self.reader = reader or RunDirReader(cfg)
+        # Made (and started) inside the blocking runner: opening the run dir can fail or hang,
+        # and that must show on the page rather than stop the server from starting.
+        self._reporter_factory = reporter_factory
+        self.reporter: Any | None = None
+        self.runner = BlockingRunner(max_workers=4, thread_name_prefix="dashboard-read")
+        self.tasks = TaskSet()
+        self._mono, self._wall = mono, wall
+        self._stop = asyncio.Event()
+        self.host_name = socket.gethostname()
+        n = cfg.history_points
+        self.statuses: dict[str, ProcessStatus | ReadError] = {}
+        self.metrics: dict[str, History] = {}
+        self.host = History(HOST_COLUMNS, n)
+        self.procs: dict[str, History] = {}
+        self.gpus: dict[int, History] = {}
+        self.gpu_names: dict[int, str] = {}
+        self.gpu_error: str | None = None
+        self.events: collections.deque[tuple[int, str]] = collections.deque(maxlen=EVENTS_KEPT)
+        self._event_serial = 0
+        self.restarts: collections.Counter[str] = collections.Counter()
+        self.logs: dict[str, list[str]] = {}
+        self.errors: dict[str, str] = {}
+        self.rows: dict[str, list] = {}
+        self.verdicts: list[Verdict] = []
+        self.overall: Verdict = Verdict("starting", 1)
+        self.last_refresh_wall: datetime | None = None
+        self.last_refresh_mono: float | None = None
+        self.cycle_seconds: collections.deque[float] = collections.deque(maxlen=2000)
+        self.cycles = 0
+        self.sessions = 0
+        self.generation = 0  # bumps after every cycle; sessions skip work when unchanged
+        self._pids: dict[int, PidCheck] = {}
+        self._new_errors: dict[str, str] = {}
+
+    # ------------------------------------------------------------------ loop
+
+    def start(self) -> None:
+        """Start the polling task on the running loop (call once, from the server-loaded hook)."""
+        self.tasks.spawn(self._run(), name="dashboard-collector")
+
+    async def _run(self) -> None:
+        while not self._stop.is_set():
+            started = time.perf_counter()
+            try:
+                await self.cycle()
+            except Exception as exc:  # noqa: BLE001 - the loop never stops; the page shows why
+                log.exception("refresh cycle failed")
+                self.errors["collector"] = f"{type(exc).__name__}: {exc}"
+            elapsed = time.perf_counter() - started
+            if await sleep_until_or_stop(self._stop, max(0.05, self.cfg.refresh - elapsed)):
+                break
+
+    async def stop(self) -> None:
+        """Stop polling, write state=stopped, release the reader."""
+        self._stop.set()
+        await self.tasks.close()
+        if self.reporter is not None:
+            await self._guard("own status", self.reporter.close)
+        self.runner.close()
+        try:
+            self.reader.close()
+        except Exception:  # noqa: BLE001
+            log.exception("closing the reader failed")
+
+    def _start_reporter(self) -> None:
+        reporter = self._reporter_factory()
+        reporter.start(DashboardState())
+        reporter.set_state(State.RUNNING)
+        self.reporter = reporter
+
+    async def _guard(self, what: str, fn: Callable[..., Any], *args: Any) -> Any:
+        """Run a blocking call; on any failure record it under ``what`` and return None."""
+        try:
+            result = await self.runner.run(fn, *args, timeout=self.cfg.read_timeout, what=what)
+        except Exception as exc:  # noqa: BLE001 - BlockingTimeout, StillRunning, OSError, ...
+            self._new_errors[what] = str(exc) if str(exc).startswith(what) else f"{what}: {exc}"
+            return None
+        return result
+
+    async def cycle(self) -> None:
+        """One refresh: read everything, apply it, publish our own status."""
+        t0 = time.perf_counter()
+        self._new_errors: dict[str, str] = {}
+        statuses = await self._guard("status scan", self.reader.scan)
+        if statuses is not None:
+            self.statuses = statuses
+        names = self._metric_names()
+        pids = sorted({s.pid for s in self._live_statuses() if s.host == self.host_name})
+        metrics, events, sample, logs = await asyncio.gather(
+            self._guard("metrics", self.reader.metrics, names),
+            self._guard("events", self.reader.events),
+            self._guard("resources", self.reader.sample, pids),
+            self._guard("logs", self.reader.logs),
+        )
+        now_mono, now_wall = self._mono(), self._wall()
+        if metrics is not None:
+            records, errs = metrics
+            self._new_errors.update(errs)
+            self._apply_metrics(records)
+        if events is not None:
+            self._apply_events(events)
+        if sample is not None:
+            self._apply_sample(sample, now_wall)
+        if logs is not None:
+            self.logs = logs
+        for name, r in self.statuses.items():
+            if isinstance(r, ReadError) and not isinstance(r, Stale):
+                self._new_errors[f"status {name or 'run dir'}"] = f"{error_label(r)}: {r.detail}"
+        self.errors = self._new_errors
+        self.rows, self.verdicts = process_rows(
+            self.cfg.processes, self.statuses, now_mono, now_wall,
+            restarts=self.restarts, pids=self._pids, host=self.host_name,
+        )
+        self.overall = overall(self.verdicts, self.errors)
+        self.last_refresh_wall, self.last_refresh_mono = now_wall, now_mono
+        self.cycles += 1
+        self.generation += 1
+        self.cycle_seconds.append(time.perf_counter() - t0)
+        # A failure lands in self.errors (the same dict) and so on the page; a
+        # reporter that could not start is retried next cycle.
+        if self.reporter is None and self._reporter_factory is not None:
+            await self._guard("own status", self._start_reporter)
+        if self.reporter is not None:
+            await self._guard("own status", self._report, now_wall, dict(self.errors))
+
+    def _report(self, now_wall: datetime, errors: dict[str, str]) -> bool:
+        self.reporter.progress(sessions=self.sessions, last_refresh=now_wall, read_errors=errors)
+        return True
+
+    # ------------------------------------------------------------ applying
+
+    def _live_statuses(self) -> list[ProcessStatus]:
+        out = []
+        for r in self.statuses.values():
+            s = r.status if isinstance(r, Stale) else r
+            if isinstance(s, ProcessStatus):
+                out.append(s)
+        return out
+
+    def _metric_names(self) -> list[str]:
+        names = {s.name for s in self._live_statuses() if s.kind == "trainer"}
+        for p in self.cfg.processes:
+            if p.kind == "trainer":
+                names.update(p.status_names)
+        return sorted(names)
+
+    def _apply_metrics(self, records: dict[str, list[dict]]) -> None:
+        for name, recs in records.items():
+            if not recs:
+                continue
+            h = self.metrics.get(name)
+            if h is None:
+                h = self.metrics[name] = History(METRIC_COLUMNS, self.cfg.history_points)
+            h.extend(recs)
+
+    def _apply_events(self, events: list[dict]) -> None:
+        for rec in events:
+            proc = is_restart(rec)
+            if proc:
+                self.restarts[proc] += 1
+            self._event_serial += 1
+            self.events.append((self._event_serial, event_line(rec)))
+
+    def _apply_sample(self, sample: ResourceSample, now_wall: datetime) -> None:
+        t = now_wall.timestamp() * 1000.0  # Bokeh datetime axes are in ms since the epoch
+        host = sample.host
+        self.host.append({"t": t, "cpu": host.cpu_percent,
+                          "mem_pct": 100.0 * host.mem_used / host.mem_total if host.mem_total else None})
+        self._pids = {pid: PidCheck(p.alive, p.create_time) for pid, p in sample.processes.items()}
+        for s in self._live_statuses():
+            p = sample.processes.get(s.pid)
+            if p is None or not p.alive or s.host != self.host_name:
+                continue
+            h = self.procs.get(s.name)
+            if h is None:
+                h = self.procs[s.name] = History(PROC_COLUMNS, self.cfg.history_points)
+            h.append({"t": t, "cpu": p.cpu_percent, "rss_mb": p.rss_bytes / 2**20})
+        self.gpu_error = sample.gpu_error
+        for g in sample.gpus:
+            h = self.gpus.get(g.index)
+            if h is None:
+                h = self.gpus[g.index] = History(GPU_COLUMNS, self.cfg.history_points)
+            self.gpu_names[g.index] = g.name
+            h.append({"t": t, "util": g.util_percent,
+                      "mem_pct": 100.0 * g.memory_used / g.memory_total if g.memory_total else None,
+                      "temp": g.temperature_c, "power": g.power_w})
+
+    # -------------------------------------------------------------- queries
+
+    def events_since(self, serial: int) -> list[tuple[int, str]]:
+        """Events newer than ``serial`` (the deque is short; a scan is fine)."""
+        return [e for e in self.events if e[0] > serial]
+
+    def refresh_age(self) -> float | None:
+        """Seconds since the last completed cycle."""
+        if self.last_refresh_mono is None:
+            return None
+        return self._mono() - self.last_refresh_mono

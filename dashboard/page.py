@@ -1,0 +1,281 @@
+"""The page: ``make_doc(doc, collector)`` builds one browser session's Document.
+
+Each session keeps its own data sources and a periodic callback that sends
+only what changed since its last update: new points through
+``ColumnDataSource.stream(..., rollover=history_points)``, changed table cells
+through ``patch``, and Div text only when it differs. It reads the shared
+``Collector`` (same event loop, no locks) and never touches the run dir.
+"""
+
+from __future__ import annotations
+
+import logging
+from typing import Any
+
+from bokeh.document import Document
+from bokeh.layouts import column, row
+from bokeh.models import ColumnDataSource, DataTable, Div, HTMLTemplateFormatter, TableColumn
+from bokeh.palettes import Category10_10
+from bokeh.plotting import figure
+
+from keel.models import ProcessStatus
+from keel.statusfile import ReadError, Stale
+
+from dashboard.collector import Collector
+from dashboard.present import (
+    BAD, DEFAULT_HEARTBEAT_TIMEOUT, GREY, OK, WARN, badge, esc, fmt_age, training_summary,
+)
+
+log = logging.getLogger("dashboard.page")
+
+_CELL = '<span style="color:<%= color %>"><%- value %></span>'
+_HEALTH = '<span style="color:<%= health_color %>;font-weight:bold"><%- value %></span>'
+_TABLE_FIELDS = (
+    ("name", "process", 130), ("kind", "kind", 70), ("state", "state", 90), ("pid", "pid", 70),
+    ("uptime", "uptime", 70), ("restarts", "restarts", 60), ("health", "health", 90),
+    ("heartbeat", "heartbeat age", 90), ("progress", "progress age", 90), ("note", "note", 330),
+)
+_OVERALL_LEVEL = {"ok": OK, "degraded": WARN, "failing": BAD}
+
+
+def _fig(title: str, x_label: str, *, datetime_x: bool = False, name: str) -> Any:
+    kw: dict[str, Any] = {"x_axis_type": "datetime"} if datetime_x else {}
+    f = figure(title=title, height=230, sizing_mode="stretch_width", tools="pan,wheel_zoom,box_zoom,reset,save",
+               name=name, **kw)
+    f.xaxis.axis_label = x_label
+    f.toolbar.logo = None
+    return f
+
+
+class SessionView:
+    """One browser session's models, and the update that feeds them from the collector."""
+
+    def __init__(self, doc: Document, collector: Collector) -> None:
+        self.doc = doc
+        self.c = collector
+        cfg = collector.cfg
+        self.rollover = cfg.history_points
+        self.header = Div(name="header", sizing_mode="stretch_width")
+        self.errors = Div(name="errors", sizing_mode="stretch_width")
+        self.table_source = ColumnDataSource(dict(collector.rows) or _empty_rows(), name="processes")
+        cols = [
+            TableColumn(field=f, title=t, width=w,
+                        formatter=HTMLTemplateFormatter(template=_HEALTH if f == "health" else _CELL))
+            for f, t, w in _TABLE_FIELDS
+        ]
+        self.table = DataTable(source=self.table_source, columns=cols, name="process_table", index_position=None,
+                               height=60 + 28 * max(3, len(self.table_source.data["name"])),
+                               sizing_mode="stretch_width", row_height=26)
+        self.training = Div(name="training", sizing_mode="stretch_width")
+        self.loss = _fig("loss (line) and validation loss (dots)", "step", name="loss_plot")
+        self.speed = _fig("throughput (samples/s)", "step", name="throughput_plot")
+        self.lr = _fig("learning rate", "step", name="lr_plot")
+        self.cpu = _fig("CPU % (host and processes)", "time", datetime_x=True, name="cpu_plot")
+        self.ram = _fig("RSS MiB per process; host RAM % (dashed)", "time", datetime_x=True, name="ram_plot")
+        self.gpu = _fig("GPU utilization % (line), memory % (dashed)", "time", datetime_x=True, name="gpu_plot")
+        self.gpu_note = Div(name="gpu_note", sizing_mode="stretch_width")
+        self.events = Div(name="events", sizing_mode="stretch_width")
+        self.logs = Div(name="logs", sizing_mode="stretch_width")
+        self.update_error = Div(name="update_error", visible=False)
+        self.metric_sources: dict[str, ColumnDataSource] = {}
+        self.proc_sources: dict[str, ColumnDataSource] = {}
+        self.gpu_sources: dict[int, ColumnDataSource] = {}
+        self._sent: dict[str, int] = {}
+        self._event_serial = -1
+        self._event_lines: list[str] = []
+        self._generation = -1
+        self.host_source = ColumnDataSource(collector.host.data(), name="host")
+        self._sent["host"] = collector.host.last_serial
+        self.cpu.line("t", "cpu", source=self.host_source, color="black", legend_label="host", line_width=2)
+        self.ram.line("t", "mem_pct", source=self.host_source, color="black", line_dash="dashed",
+                      legend_label="host RAM %")
+        self.layout = column(
+            self.header, self.errors, self.table, self.training,
+            row(self.loss, self.speed, self.lr, sizing_mode="stretch_width"),
+            row(self.cpu, self.ram, column(self.gpu_note, self.gpu, sizing_mode="stretch_width"),
+                sizing_mode="stretch_width"),
+            Div(text="<b>Watchdog events</b>"), self.events,
+            Div(text="<b>Process logs</b>"), self.logs, self.update_error,
+            sizing_mode="stretch_width", name="page",
+        )
+        self.update()
+
+    # ----------------------------------------------------------------- series
+
+    def _stream(self, key: str, src: ColumnDataSource, hist: Any) -> None:
+        last = self._sent.get(key, -1)
+        if hist.last_serial == last:
+            return
+        new = hist.since(last)
+        if new and len(next(iter(new.values()))):
+            src.stream(new, rollover=self.rollover)
+        self._sent[key] = hist.last_serial
+
+    def _metric_source(self, name: str) -> ColumnDataSource:
+        src = self.metric_sources.get(name)
+        if src is None:
+            hist = self.c.metrics[name]
+            src = self.metric_sources[name] = ColumnDataSource(hist.data(), name=f"metrics:{name}")
+            self._sent[f"metrics:{name}"] = hist.last_serial
+            color = Category10_10[(len(self.metric_sources) - 1) % 10]
+            self.loss.line("step", "loss", source=src, color=color, legend_label=name)
+            self.loss.scatter("step", "val_loss", source=src, color=color, size=6)
+            self.speed.line("step", "samples_per_s", source=src, color=color, legend_label=name)
+            self.lr.line("step", "lr", source=src, color=color, legend_label=name)
+        return src
+
+    def _proc_source(self, name: str) -> ColumnDataSource:
+        src = self.proc_sources.get(name)
+        if src is None:
+            hist = self.c.procs[name]
+            src = self.proc_sources[name] = ColumnDataSource(hist.data(), name=f"proc:{name}")
+            self._sent[f"proc:{name}"] = hist.last_serial
+            color = Category10_10[(len(self.proc_sources) - 1) % 10]
+            self.cpu.line("t", "cpu", source=src, color=color, legend_label=name)
+            self.ram.line("t", "rss_mb", source=src, color=color, legend_label=name)
+        return src
+
+    def _gpu_source(self, index: int) -> ColumnDataSource:
+        src = self.gpu_sources.get(index)
+        if src is None:
+            hist = self.c.gpus[index]
+            src = self.gpu_sources[index] = ColumnDataSource(hist.data(), name=f"gpu:{index}")
+            self._sent[f"gpu:{index}"] = hist.last_serial
+            color = Category10_10[index % 10]
+            label = f"GPU {index} {self.c.gpu_names.get(index, '')}".strip()
+            self.gpu.line("t", "util", source=src, color=color, legend_label=label)
+            self.gpu.line("t", "mem_pct", source=src, color=color, line_dash="dashed")
+        return src
+
+    # ----------------------------------------------------------------- update
+
+    def update(self) -> None:
+        """Send this session what changed since its last update; never raises into the loop."""
+        try:
+            self._update()
+            if self.update_error.visible:
+                self.update_error.visible = False
+        except Exception as exc:  # noqa: BLE001 - keep the page alive and say what broke
+            log.exception("session update failed")
+            self.update_error.text = badge(f"page update failed: {type(exc).__name__}: {exc}", BAD)
+            self.update_error.visible = True
+
+    def _update(self) -> None:
+        c = self.c
+        self._set(self.header, self._header_html())
+        if c.generation == self._generation:
+            return
+        self._generation = c.generation
+        self._set(self.errors, "".join(
+            f"<div>{badge('error', BAD)} <b>{esc(k)}</b>: {esc(v)}</div>" for k, v in sorted(c.errors.items())
+        ))
+        self._update_table(c.rows)
+        self._set(self.training, self._training_html())
+        for name, hist in list(c.metrics.items()):
+            self._stream(f"metrics:{name}", self._metric_source(name), hist)
+        self._stream("host", self.host_source, c.host)
+        for name, hist in list(c.procs.items()):
+            self._stream(f"proc:{name}", self._proc_source(name), hist)
+        for index, hist in list(c.gpus.items()):
+            self._stream(f"gpu:{index}", self._gpu_source(index), hist)
+        no_gpu = not c.gpus
+        self._set(self.gpu_note, f"{badge('no GPU', WARN)} {esc(c.gpu_error or 'no GPU metrics')}" if no_gpu else "")
+        if self.gpu.visible == no_gpu:
+            self.gpu.visible = not no_gpu
+        new_events = c.events_since(self._event_serial)
+        if new_events:
+            self._event_serial = new_events[-1][0]
+            self._event_lines = (self._event_lines + [line for _, line in new_events])[-50:]
+        self._set(self.events, _pre(list(reversed(self._event_lines))) if self._event_lines
+                  else f"<i style='color:{GREY}'>no watchdog events yet</i>")
+        self._set(self.logs, "".join(
+            f"<div><b>{esc(name)}</b>{_pre(lines)}</div>" for name, lines in sorted(c.logs.items())
+        ) or f"<i style='color:{GREY}'>no log files configured (no stack file?)</i>")
+
+    def _update_table(self, rows: dict[str, list]) -> None:
+        if not rows:
+            return
+        data = self.table_source.data
+        if list(data.get("name", [])) != rows["name"]:
+            self.table_source.data = dict(rows)  # rows came or went: a patch cannot change the length
+            self.table.height = 60 + 28 * max(3, len(rows["name"]))
+            return
+        patches: dict[str, list[tuple[int, Any]]] = {}
+        for col, values in rows.items():
+            old = data[col]
+            changed = [(i, v) for i, v in enumerate(values) if old[i] != v]
+            if changed:
+                patches[col] = changed
+        if patches:
+            self.table_source.patch(patches)
+
+    def _header_html(self) -> str:
+        c, cfg = self.c, self.c.cfg
+        level = _OVERALL_LEVEL.get(c.overall.label, WARN)
+        age = c.refresh_age()
+        if age is None:
+            fresh = badge("waiting for the first read", WARN)
+        elif age > max(3 * cfg.refresh, cfg.read_timeout + cfg.refresh):
+            fresh = badge(f"data {fmt_age(age)} old: reader stuck", BAD)
+        else:
+            fresh = f"refreshed {fmt_age(age)} ago"
+        why = f" ({esc(c.overall.note)})" if c.overall.note else ""
+        return (
+            f"<div style='font-size:120%'><b>{esc(cfg.project)}</b> · {esc(cfg.environment)} · "
+            f"{esc(c.host_name)} · health {badge(c.overall.label, level)}{why} · {fresh} · "
+            f"{c.sessions} session{'s' if c.sessions != 1 else ''}</div>"
+        )
+
+    def _training_html(self) -> str:
+        c = self.c
+        names = sorted({n for n, r in c.statuses.items() if _kind(r) == "trainer"}
+                       | {n for p in c.cfg.processes if p.kind == "trainer" for n in p.status_names})
+        if not names:
+            return f"<i style='color:{GREY}'>no trainer status yet</i>"
+        timeouts = {n: p.heartbeat_timeout for p in c.cfg.processes for n in p.status_names}
+        now = c.last_refresh_mono or 0.0
+        return "".join(
+            f"<div><b>{esc(n)}</b>: "
+            f"{training_summary(c.statuses.get(n), now, timeouts.get(n) or DEFAULT_HEARTBEAT_TIMEOUT)}</div>"
+            for n in names
+        )
+
+    @staticmethod
+    def _set(div: Div, text: str) -> None:
+        if div.text != text:
+            div.text = text
+
+
+def _kind(r: ProcessStatus | ReadError | None) -> str | None:
+    s = r.status if isinstance(r, Stale) else r
+    return s.kind if isinstance(s, ProcessStatus) else None
+
+
+def _pre(lines: list[str]) -> str:
+    body = "\n".join(esc(x) for x in lines)
+    return f"<pre style='font-size:85%;max-height:260px;overflow:auto;margin:2px 0'>{body}</pre>"
+
+
+def _empty_rows() -> dict[str, list]:
+    from dashboard.present import ROW_COLUMNS
+
+    return {c: [] for c in ROW_COLUMNS}
+
+
+def make_doc(doc: Document, collector: Collector) -> SessionView:
+    """Build the page into ``doc`` and start its per-session updates; returns the view (for tests)."""
+    view = SessionView(doc, collector)
+    doc.title = f"{collector.cfg.project} · {collector.cfg.environment}"
+    doc.add_root(view.layout)
+    collector.sessions += 1
+    callback = doc.add_periodic_callback(view.update, int(collector.cfg.refresh * 1000))
+
+    def _destroyed(session_context: Any) -> None:
+        collector.sessions = max(0, collector.sessions - 1)
+        try:
+            doc.remove_periodic_callback(callback)
+        except ValueError:
+            pass  # already gone with the session
+
+    doc.on_session_destroyed(_destroyed)
+    return view

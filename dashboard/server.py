@@ -1,0 +1,150 @@
+"""``python -m dashboard``: the embedded Bokeh server, its one collector, and clean shutdown.
+
+The collector is created once per process and started by the application's
+server-loaded hook (not per browser session). SIGTERM/SIGINT destroy the
+sessions, stop the collector (its status says "stopped") and return 0.
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import logging
+import os
+import secrets
+import signal
+import sys
+from typing import Any, Callable
+
+from bokeh.application import Application
+from bokeh.application.handlers.function import FunctionHandler
+from bokeh.application.handlers.lifecycle import LifecycleHandler
+from bokeh.server.server import Server
+
+from keel.logs import setup_logging
+from keel.reporter import ProcessReporter
+
+from dashboard.auth import PasswordAuth, load_hash
+from dashboard.collector import Collector
+from dashboard.config import ConfigError, DashboardConfig, check_bind, is_loopback, load_config
+from dashboard.page import make_doc
+
+log = logging.getLogger("dashboard.server")
+
+
+class CollectorHooks(LifecycleHandler):
+    """Starts the shared collector when the server has loaded the application."""
+
+    def __init__(self, collector: Collector) -> None:
+        super().__init__()
+        self._on_server_loaded = lambda server_context: collector.start()
+
+
+def websocket_origins(cfg: DashboardConfig) -> list[str]:
+    """The configured origins; on loopback without a list, the two names of this host and port."""
+    if cfg.allow_websocket_origin:
+        return list(cfg.allow_websocket_origin)
+    if not is_loopback(cfg.address):
+        raise ConfigError("a non-loopback address needs dashboard.allow_websocket_origin")
+    names = [f"127.0.0.1:{cfg.port}", f"localhost:{cfg.port}"]
+    if cfg.address not in ("127.0.0.1", "localhost", "::1"):
+        names.insert(0, f"{cfg.address}:{cfg.port}")
+    return names
+
+
+def build_server(cfg: DashboardConfig, collector: Collector, auth: PasswordAuth | None = None) -> Server:
+    """A Bokeh Server bound as configured, with the page at "/" (call inside a running loop)."""
+    app = Application(FunctionHandler(lambda doc: make_doc(doc, collector)), CollectorHooks(collector))
+    unused_ms = max(1, int(cfg.unused_session_lifetime * 1000))
+    kwargs: dict[str, Any] = dict(
+        address=cfg.address,
+        port=cfg.port,
+        allow_websocket_origin=websocket_origins(cfg),
+        keep_alive_milliseconds=int(cfg.keep_alive * 1000),
+        unused_session_lifetime_milliseconds=unused_ms,
+        # check at least as often as the lifetime, so a closed tab is freed on time
+        check_unused_sessions_milliseconds=max(500, min(unused_ms, 17_000)),
+        use_index=False,
+        # Session ids signed with a per-process key: a client cannot invent one.
+        secret_key=secrets.token_urlsafe(32).encode(),
+        sign_sessions=True,
+    )
+    if auth is not None:
+        kwargs["auth_provider"] = auth
+        kwargs["cookie_secret"] = secrets.token_urlsafe(32)
+    return Server({"/": app}, **kwargs)
+
+
+def close_sessions(server: Server) -> int:
+    """Destroy every session (runs on_session_destroyed) and close its websockets; returns how many."""
+    sessions = server.get_sessions()
+    for session in sessions:
+        # Bokeh has no public "close this connection"; the ws handler's close() is
+        # the clean way to send the browser a 1001 (going away) frame.
+        for conn in list(getattr(session, "_subscribed_connections", ())):
+            try:
+                conn._socket.close(1001, "dashboard stopping")
+            except Exception:  # noqa: BLE001 - best effort; the process exits next
+                pass
+        if not session.destroyed:
+            session.destroy()
+    return len(sessions)
+
+
+async def serve(cfg: DashboardConfig, auth: PasswordAuth | None, *, ready: Callable[[str], None] | None = None) -> int:
+    """Run until SIGTERM/SIGINT; 0 on a clean stop."""
+
+    def reporter() -> ProcessReporter:
+        return ProcessReporter(cfg.run_dir, cfg.name, "dashboard", durability=cfg.durability,  # type: ignore[arg-type]
+                               heartbeat_interval=cfg.heartbeat_interval)
+
+    collector = Collector(cfg, reporter_factory=reporter)
+    server = build_server(cfg, collector, auth)
+    server.start()
+    stop = asyncio.Event()
+    loop = asyncio.get_running_loop()
+    for sig in (signal.SIGTERM, signal.SIGINT):
+        loop.add_signal_handler(sig, stop.set)
+    url = f"http://{cfg.address}:{server.port}/"
+    log.info("dashboard listening on %s", url, extra={"event": "listening", "url": url})
+    if ready is not None:
+        ready(url)
+    await stop.wait()
+    log.info("stopping", extra={"event": "stopping"})
+    server.unlisten()
+    n = close_sessions(server)
+    server.stop(wait=False)
+    await collector.stop()
+    log.info("stopped; closed %d session(s)", n, extra={"event": "stopped"})
+    if collector.runner.busy():
+        # A read is stuck in the kernel (hung NFS?); its thread would block interpreter exit.
+        log.warning("exiting with stuck reads: %s", collector.runner.busy())
+        logging.shutdown()
+        os._exit(0)
+    return 0
+
+
+def main(argv: list[str] | None = None) -> int:
+    """Entry point of ``python -m dashboard``; 2 for a configuration error."""
+    ap = argparse.ArgumentParser(prog="python -m dashboard", description="keel's live dashboard (Bokeh server)")
+    ap.add_argument("--config", default=os.environ.get("KEEL_CONFIG"),
+                    help="resolved file, build/<env>/dashboard.json (default: $KEEL_CONFIG)")
+    args = ap.parse_args(argv)
+    if not args.config:
+        print("dashboard: --config build/<env>/dashboard.json is required", file=sys.stderr)
+        return 2
+    # The dashboard never computes on a GPU; NVML (read-only metrics) does not need CUDA.
+    os.environ["CUDA_VISIBLE_DEVICES"] = ""
+    try:
+        cfg = load_config(args.config)
+        check_bind(cfg)
+        auth = PasswordAuth(cfg.auth.username, load_hash(cfg.auth)) if cfg.auth.required else None
+    except ConfigError as exc:
+        print(f"dashboard: {exc}", file=sys.stderr)
+        return 2
+    setup_logging(cfg.name, fmt=cfg.log_format, level=cfg.log_level)  # type: ignore[arg-type]
+    try:
+        return asyncio.run(serve(cfg, auth))
+    except OSError as exc:  # the port is taken, the address is not ours
+        print(f"dashboard: cannot listen on {cfg.address}:{cfg.port}: {exc.strerror or exc}", file=sys.stderr)
+        return 1

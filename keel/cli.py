@@ -1,0 +1,152 @@
+"""`bin/render-config`: validate an environment and render its supervisord or systemd files.
+
+    bin/render-config dev                                  # write build/dev/ (and ./supervisord.conf)
+    bin/render-config prod --backend systemd --out /tmp/units
+    bin/render-config staging --check                      # validate and render in memory; exit 0 or 2
+    bin/render-config prod --diff                          # what would change on disk
+    bin/render-config dev --set processes.dashboard.port=5010
+
+Exit codes: 0 ok (with --diff: 0 also when there are changes), 2 bad config or arguments,
+1 an output could not be written. Errors are one line on stderr.
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import shutil
+import subprocess
+import sys
+from pathlib import Path
+
+from keel.config import ConfigError, LoadedConfig, display_path, load_config
+
+CODE_DIR = Path(__file__).resolve().parent.parent
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog="render-config",
+        description="Validate configs/base.yaml + configs/<env>.yaml and render the files that run the stack.",
+        epilog="Errors name the file, line and key: configs/prod.yaml:14: processes.trainer.stop.timeout: ...",
+    )
+    parser.add_argument("env", help="environment name: any <env>.yaml beside base.yaml in the config dir")
+    parser.add_argument(
+        "--backend", choices=("supervisord", "systemd"), help="render for this backend instead of the config's `backend`"
+    )
+    parser.add_argument("--out", type=Path, help="write everything into this directory (default: build/<env>/); installs nothing")
+    parser.add_argument("--config-dir", type=Path, default=None, help="where base.yaml and <env>.yaml live (default: configs/)")
+    parser.add_argument(
+        "--set", dest="overrides", action="append", default=[], metavar="KEY.PATH=VALUE",
+        help="override one key; VALUE is YAML (e.g. processes.trainer.gpus=[0,1]); repeatable",
+    )
+    mode = parser.add_mutually_exclusive_group()
+    mode.add_argument("--check", action="store_true", help="validate and render in memory; write nothing")
+    mode.add_argument("--diff", action="store_true", help="print a unified diff of what would change; write nothing")
+    parser.add_argument("--no-reload", action="store_true", help="include mode: do not ask the host supervisord to reread/update")
+    parser.add_argument("--no-mkdirs", action="store_true", help="do not create the run, log, checkpoint and tmp dirs")
+    parser.add_argument("-q", "--quiet", action="store_true", help="print nothing on success")
+    return parser
+
+
+def _config_dir(args: argparse.Namespace) -> Path:
+    if args.config_dir is not None:
+        return args.config_dir
+    local = Path("configs")
+    return local if (local / "base.yaml").is_file() else CODE_DIR / "configs"
+
+
+def _sources(loaded: LoadedConfig) -> tuple[str, ...]:
+    """File names for the header, stable wherever the command runs from."""
+    out = []
+    for path in loaded.files:
+        resolved = path.resolve()
+        try:
+            out.append(str(resolved.relative_to(CODE_DIR)))
+        except ValueError:
+            out.append(str(resolved))
+    return tuple(out)
+
+
+def make_dirs(stack: dict, names: list[str]) -> None:
+    """The dirs supervisord and the processes need before they start (0750: status files are not public)."""
+    paths = stack["paths"]
+    wanted = [paths["run_dir"], paths["log_dir"], paths["checkpoint_dir"]]
+    wanted += [os.path.join(paths["run_dir"], "tmp", name) for name in names]
+    for directory in wanted:
+        os.makedirs(directory, mode=0o750, exist_ok=True)
+
+
+def reload_supervisord(socket: str, group: str, out=sys.stdout) -> str:
+    """include mode: ask the host supervisord to reread and update (only changed programs restart)."""
+    if not os.path.exists(socket):
+        return f"supervisord at {socket} not running: start it, then `supervisorctl update`"
+    ctl = shutil.which("supervisorctl", path=os.path.dirname(sys.executable)) or shutil.which("supervisorctl")
+    if ctl is None:
+        return "supervisorctl not found: run `supervisorctl reread && supervisorctl update` yourself"
+    url = f"unix://{socket}"
+    for args in (["reread"], ["update", group]):
+        done = subprocess.run([ctl, "-s", url, *args], capture_output=True, text=True, timeout=60)
+        if done.returncode != 0:
+            return f"supervisorctl {' '.join(args)} failed: {(done.stdout + done.stderr).strip()}"
+    return f"supervisord at {socket}: reread and updated group {group}"
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    try:
+        loaded = load_config(args.env, _config_dir(args), args.overrides)
+    except ConfigError as exc:
+        print(f"render-config: {exc}", file=sys.stderr)
+        return 2
+
+    # Imported here: loading and validating must stay fast and light for --check.
+    from keel.render import RenderError, render
+    from keel.resolve import Context
+    from keel.writer import OutputError, diff_files, write_files
+
+    config = loaded.config
+    backend = args.backend or config.backend
+    build_dir = (args.out or CODE_DIR / "build" / args.env).resolve()
+    ctx = Context(env=args.env, code_dir=CODE_DIR, build_dir=build_dir, sources=_sources(loaded), backend=backend)
+    try:
+        files = render(config, ctx, install=args.out is None)
+    except RenderError as exc:
+        print(f"render-config: {loaded.locate(exc.path)}: {exc}", file=sys.stderr)
+        return 2
+
+    if args.check:
+        if not args.quiet:
+            print(f"{args.env}: valid ({len(config.processes)} processes, {backend}, {len(files)} files rendered, nothing written)")
+        return 0
+    if args.diff:
+        sys.stdout.write(diff_files(files, build_dir))
+        return 0
+    try:
+        results = write_files(files, build_dir)
+        import json
+
+        stack = json.loads(next(f.text for f in files if f.path == "keel.json"))
+        if args.out is None and not args.no_mkdirs:
+            make_dirs(stack, list(config.processes))
+    except OSError as exc:
+        print(f"render-config: {exc}", file=sys.stderr)
+        return 1
+    if not args.quiet:
+        changed = [r for r in results if r.changed]
+        print(f"{args.env}: {backend} ({config.supervisord.mode if backend == 'supervisord' else 'units'}), "
+              f"processes: {', '.join(config.processes)}")
+        print(f"wrote {len(changed)} of {len(results)} files into {display_path(build_dir)}"
+              + (" (the rest unchanged)" if len(changed) < len(results) else ""))
+        for result in results:
+            print(f"  {'changed ' if result.changed else 'same    '} {display_path(result.path)}")
+    if (backend == "supervisord" and config.supervisord.mode == "include" and args.out is None
+            and config.supervisord.reload and not args.no_reload):
+        message = reload_supervisord(stack["control"]["socket"], config.project)
+        if not args.quiet:
+            print(message)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

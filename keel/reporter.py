@@ -1,0 +1,153 @@
+"""ProcessReporter: how a keel process publishes its state, heartbeat, progress and metrics.
+
+Usage (trainer)::
+
+    rep = ProcessReporter(run_dir, "trainer", "trainer", heartbeat_interval=2.0)
+    rep.start(payload={"run_id": run_id})
+    rep.set_state(State.RUNNING)
+    for step in ...:
+        rep.progress(step=step, loss=loss)          # a finished step: moves the progress clock
+        rep.metrics([{"step": step, "loss": loss}])
+    rep.close()                                     # state=stopped
+
+The reporter owns the only in-memory copy of its status and writes it whole with
+StatusWriter.write; one lock serialises the heartbeat thread and the caller.
+"""
+
+from __future__ import annotations
+
+import os
+import socket
+import threading
+import time
+from datetime import datetime
+from pathlib import Path
+from typing import Any, Callable, Iterable
+
+import psutil
+
+from keel.models import Payload, ProcessStatus, State, payload_for, utc_now
+from keel.statusfile import METRICS_SUFFIX, Durability, Heartbeat, JsonlWriter, StatusWriter
+
+
+class ProcessReporter:
+    """What a process uses: state transitions, heartbeat thread, progress, metrics."""
+
+    def __init__(
+        self,
+        run_dir: str | os.PathLike,
+        name: str,
+        kind: str,
+        *,
+        durability: Durability = "none",
+        heartbeat_interval: float = 2.0,
+        gpus: Iterable[int] = (),
+        metrics_max_bytes: int = 16 << 20,
+        metrics_backups: int = 3,
+        wall: Callable[[], datetime] = utc_now,
+        mono: Callable[[], float] = time.monotonic,
+    ) -> None:
+        self.run_dir = Path(run_dir)
+        self.name = name
+        self.kind = kind
+        self.writer = StatusWriter(run_dir, name, durability=durability)
+        self.metrics_path = self.run_dir / f"{name}{METRICS_SUFFIX}"
+        self._metrics = JsonlWriter(self.metrics_path, max_bytes=metrics_max_bytes, backups=metrics_backups)
+        self._wall = wall
+        self._mono = mono
+        self._gpus = list(gpus)
+        self._lock = threading.RLock()
+        self._status: ProcessStatus | None = None
+        self.heartbeat = Heartbeat(heartbeat_interval, self.beat, name=f"keel-heartbeat-{name}")
+
+    @property
+    def status(self) -> ProcessStatus | None:
+        """The last snapshot written (None before start())."""
+        return self._status
+
+    def _publish(self, **fields: Any) -> None:
+        # Caller holds self._lock. Every write is also a heartbeat: it proves we run.
+        assert self._status is not None, "call start() first"
+        fields.setdefault("heartbeat_wall", self._wall())
+        fields.setdefault("heartbeat_mono", self._mono())
+        self._status = self.writer.write(self._status.model_copy(update=fields))
+
+    def start(self, payload: Payload | dict | None = None) -> None:
+        """Write the first snapshot (state=starting) and start the heartbeat thread."""
+        with self._lock:
+            now_wall, now_mono = self._wall(), self._mono()
+            pid = os.getpid()
+            self._status = ProcessStatus(
+                name=self.name,
+                kind=self.kind,
+                host=socket.gethostname(),
+                pid=pid,
+                pid_start_time=psutil.Process(pid).create_time(),
+                state=State.STARTING,
+                started_at=now_wall,
+                heartbeat_wall=now_wall,
+                heartbeat_mono=now_mono,
+                gpus=self._gpus,
+                payload=payload_for(self.kind, payload),
+            )
+            self._status = self.writer.write(self._status)
+        self.heartbeat.start()
+
+    def beat(self) -> None:
+        """One heartbeat: refresh heartbeat_wall/heartbeat_mono only (never the progress clock)."""
+        with self._lock:
+            if self._status is not None:
+                self._publish()
+
+    def set_state(self, state: State, error: str | None = None) -> None:
+        """Move to `state`; `error` becomes last_error (kept when None)."""
+        with self._lock:
+            fields: dict[str, Any] = {"state": State(state)}
+            if error is not None:
+                fields["last_error"] = error
+            self._publish(**fields)
+
+    def _merged_payload(self, fields: dict[str, Any]) -> Payload:
+        assert self._status is not None, "call start() first"
+        current = self._status.payload
+        base = {} if current is None else (current if isinstance(current, dict) else current.model_dump())
+        return payload_for(self.kind, {**base, **fields})
+
+    def progress(self, **payload_fields: Any) -> None:
+        """Record progress (a finished step): moves the progress clock and merges the payload."""
+        with self._lock:
+            now_wall, now_mono = self._wall(), self._mono()
+            self._publish(
+                payload=self._merged_payload(payload_fields),
+                progress_wall=now_wall,
+                progress_mono=now_mono,
+                heartbeat_wall=now_wall,
+                heartbeat_mono=now_mono,
+            )
+
+    def update_payload(self, **payload_fields: Any) -> None:
+        """Merge into the payload without moving the progress clock."""
+        with self._lock:
+            self._publish(payload=self._merged_payload(payload_fields))
+
+    def metrics(self, records: list[dict]) -> None:
+        """Append records to <name>.metrics.jsonl (batched into as few writes as rotation allows)."""
+        self._metrics.append_many(records)
+
+    def close(self, state: State = State.STOPPED, error: str | None = None) -> None:
+        """Stop the heartbeat, write the final state, close files. Safe to call twice."""
+        self.heartbeat.stop()
+        with self._lock:
+            if self._status is not None:
+                self.set_state(state, error)
+        self._metrics.close()
+        self.writer.close()
+
+    def __enter__(self) -> "ProcessReporter":
+        return self
+
+    def __exit__(self, exc_type: type[BaseException] | None, exc: BaseException | None, tb: object) -> None:
+        if exc is None:
+            self.close()
+        else:
+            self.close(State.FAILED, f"{type(exc).__name__}: {exc}")

@@ -1,0 +1,260 @@
+"""Turn a validated environment into what each process reads: absolute paths, commands, GPUs.
+
+Pure: no file is read or written here. `resolve_stack` returns `keel.json` (everything,
+for the tools) and one dict per process (only what that process needs), in the
+shapes documented in docs/internals.md. Keeping a process's own file free of other
+processes' settings is what lets `supervisorctl update` leave it alone when only a
+sibling changed.
+"""
+
+from __future__ import annotations
+
+import ipaddress
+import os
+from dataclasses import dataclass
+from pathlib import Path, PurePath
+from typing import Any
+
+from keel.configmodel import KeelConfig, TrainerProcess
+
+FORMAT_VERSION = 1
+
+
+@dataclass(frozen=True)
+class Context:
+    """Where the environment is rendered from and to."""
+
+    env: str
+    code_dir: Path  # the keel checkout (physical path: a release dir, not the `current` symlink)
+    build_dir: Path  # where the resolved files go (build/<env> or --out)
+    sources: tuple[str, ...]  # the YAML files, for the "generated from" header
+    backend: str  # supervisord | systemd (the config's, or --backend)
+
+    @property
+    def header(self) -> str:
+        return f"generated from {' + '.join(self.sources)} by bin/render-config; do not edit"
+
+
+def _abs(path: str, base: Path) -> str:
+    return os.path.normpath(str(base / path)) if not os.path.isabs(path) else os.path.normpath(path)
+
+
+def resolve_paths(config: KeelConfig, ctx: Context) -> dict[str, str]:
+    root = _abs(config.paths.root, ctx.code_dir)
+    return {
+        "root": root,
+        "run_dir": _abs(config.paths.run_dir, Path(root)),
+        "log_dir": _abs(config.paths.log_dir, Path(root)),
+        "checkpoint_dir": _abs(config.paths.checkpoint_dir, Path(root)),
+    }
+
+
+def python_path(config: KeelConfig, ctx: Context) -> str:
+    return config.python or str(ctx.code_dir / ".venv" / "bin" / "python")
+
+
+def status_names(name: str, proc: Any) -> list[str]:
+    """The status files a process writes: one, or one per torchrun rank on this host."""
+    if isinstance(proc, TrainerProcess) and proc.launcher == "torchrun" and proc.command is None:
+        return [f"{name}.rank{rank}" for rank in range(proc.torchrun.nproc_per_node)]
+    return [name]
+
+
+def process_command(name: str, proc: Any, config: KeelConfig, ctx: Context) -> list[str]:
+    """The argv the backend runs. keel's own kinds default to their module; `command:` overrides."""
+    if proc.command is not None:
+        return list(proc.command)
+    python = python_path(config, ctx)
+    config_file = str(ctx.build_dir / f"{name}.json")
+    if proc.kind == "trainer":
+        if proc.launcher == "torchrun":
+            torchrun = str(PurePath(python).parent / "torchrun")
+            argv = [torchrun, "--nproc-per-node", str(proc.torchrun.nproc_per_node), "--nnodes", str(proc.torchrun.nnodes)]
+            if proc.torchrun.nnodes == 1:
+                argv.append("--standalone")
+            return argv + ["-m", "trainer", "--config", config_file]
+        return [python, "-m", "trainer", "--config", config_file]
+    if proc.kind == "dashboard":
+        return [python, "-m", "dashboard", "--config", config_file]
+    if proc.kind == "watchdog":
+        return [python, "-m", "keel.watchdog", "--config", config_file]
+    raise AssertionError(f"kind {proc.kind} has no default command")  # the model requires one
+
+
+def process_environment(name: str, proc: Any, paths: dict[str, str], ctx: Context) -> dict[str, str]:
+    """Environment every keel process gets; the user's `environment:` adds to it (KEEL_* stay ours)."""
+    env = {
+        "KEEL_PROCESS": name,
+        "KEEL_CONFIG": str(ctx.build_dir / f"{name}.json"),
+        "PYTHONUNBUFFERED": "1",
+        "PYTHONPATH": str(ctx.code_dir),
+        "TMPDIR": str(Path(paths["run_dir"]) / "tmp" / name),
+    }
+    if proc.kind in ("dashboard", "watchdog") or not proc.gpus:
+        env["CUDA_VISIBLE_DEVICES"] = ""  # never touch CUDA
+    elif isinstance(proc.gpus, list):
+        env["CUDA_VISIBLE_DEVICES"] = ",".join(str(g) for g in proc.gpus)
+    # auto:N: the trainer picks its GPUs at start (keel.resources.allocate_gpus) and sets it itself.
+    if proc.kind == "trainer":
+        env["OMP_NUM_THREADS"] = str(proc.threads)
+    for key, value in proc.environment.items():
+        if not key.startswith("KEEL_"):
+            env[key] = value
+    return env
+
+
+def _gpus(proc: Any) -> Any:
+    if isinstance(proc.gpus, str):
+        return {"auto": proc.gpu_auto_count()}
+    return list(proc.gpus or [])
+
+
+def _limits(proc: Any) -> dict[str, Any]:
+    gpu = proc.limits.gpu_memory
+    return {
+        "memory_bytes": proc.limits.memory,
+        "gpu_memory_bytes": gpu if isinstance(gpu, int) else None,
+        "gpu_memory_fraction": gpu if isinstance(gpu, float) else None,
+    }
+
+
+def _kind_block(name: str, proc: Any, config: KeelConfig, ctx: Context, paths: dict[str, str]) -> dict[str, Any]:
+    if proc.kind == "trainer":
+        block = proc.model_dump(
+            mode="python",
+            include={
+                "entry", "launcher", "threads", "seed", "max_steps", "batch_size", "learning_rate",
+                "val_every_steps", "num_workers", "on_nan", "params",
+            },
+        )
+        block["torchrun"] = proc.torchrun.model_dump(mode="python")
+        block["checkpoint"] = proc.checkpoint.model_dump(mode="python")
+        block["report"] = proc.report.model_dump(mode="python")
+        return block
+    if proc.kind == "dashboard":
+        return {
+            "address": proc.address,
+            "port": proc.port,
+            "allow_websocket_origin": list(proc.allow_origins or [f"127.0.0.1:{proc.port}", f"localhost:{proc.port}"]),
+            "refresh": proc.refresh,
+            "history_points": proc.history_points,
+            "log_tail_lines": proc.log_tail_lines,
+            "keep_alive": proc.keep_alive,
+            "unused_session_lifetime": proc.unused_session_lifetime,
+            "auth": proc.auth.model_dump(mode="python"),
+            "stack": str(ctx.build_dir / "keel.json"),
+        }
+    if proc.kind == "watchdog":
+        textfile = proc.prometheus_textfile
+        return {
+            "poll_interval": proc.poll_interval,
+            "rss_consecutive_polls": proc.rss_consecutive_polls,
+            "stable_after": proc.stable_after,
+            "alert": {"command": proc.alert.command, "timeout": proc.alert.timeout},
+            "prometheus_textfile": _abs(textfile, Path(paths["run_dir"])) if textfile else None,
+            "stack": str(ctx.build_dir / "keel.json"),
+        }
+    return {}
+
+
+def process_file(name: str, config: KeelConfig, ctx: Context) -> dict[str, Any]:
+    """`build/<env>/<name>.json`: the resolved settings one process reads, nothing else."""
+    proc = config.processes[name]
+    paths = resolve_paths(config, ctx)
+    doc: dict[str, Any] = {
+        "generated": ctx.header,
+        "format_version": FORMAT_VERSION,
+        "project": config.project,
+        "environment": ctx.env,
+        "name": name,
+        "kind": proc.kind,
+        "durability": config.durability,
+        "paths": {**paths, "tmp_dir": str(Path(paths["run_dir"]) / "tmp" / name)},
+        "gpus": _gpus(proc),
+        "limits": _limits(proc),
+        "heartbeat_interval": proc.health.heartbeat_interval,
+        "stop_timeout": proc.stop.timeout,
+        "log": {"format": proc.log.format, "level": proc.log.level},
+    }
+    block = _kind_block(name, proc, config, ctx, paths)
+    if block:
+        doc[proc.kind] = block
+    return doc
+
+
+def supervisord_socket(config: KeelConfig, paths: dict[str, str]) -> str:
+    if config.supervisord.socket:
+        return config.supervisord.socket
+    if config.supervisord.mode == "include":
+        return "/var/run/supervisor.sock"
+    return str(Path(paths["run_dir"]) / "supervisor.sock")
+
+
+def is_loopback(address: str) -> bool:
+    if address == "localhost":
+        return True
+    try:
+        return ipaddress.ip_address(address).is_loopback
+    except ValueError:
+        return False
+
+
+def dashboard_url(config: KeelConfig) -> str | None:
+    """What a user types: the first allowed origin (a public name) or the bind address."""
+    for proc in config.processes.values():
+        if proc.kind == "dashboard":
+            if proc.allow_origins:
+                return f"http://{proc.allow_origins[0]}/"
+            host = f"[{proc.address}]" if ":" in proc.address else proc.address
+            return f"http://{host}:{proc.port}/"
+    return None
+
+
+def stack_file(config: KeelConfig, ctx: Context) -> dict[str, Any]:
+    """`build/<env>/keel.json`: everything, for the watchdog, bin/launch, bin/status and bin/doctor."""
+    paths = resolve_paths(config, ctx)
+    sv = config.supervisord
+    if sv.mode == "standalone":
+        sv_config = str(ctx.build_dir / "supervisord.conf")
+    else:
+        sv_config = str(Path(sv.conf_dir) / f"{config.project}.conf")
+    processes = {}
+    for name, proc in config.processes.items():
+        processes[name] = {
+            "kind": proc.kind,
+            "program": f"{config.project}:{name}",
+            "unit": f"{config.project}-{name}.service",
+            "command": process_command(name, proc, config, ctx),
+            "config_file": str(ctx.build_dir / f"{name}.json"),
+            "status_names": status_names(name, proc),
+            "log_file": str(Path(paths["log_dir"]) / f"{name}.log"),
+            "gpus": _gpus(proc),
+            "limits": _limits(proc),
+            "health": proc.health.model_dump(mode="python"),
+            "restart": proc.restart.model_dump(mode="python"),
+            "stop": proc.stop.model_dump(mode="python"),
+            "port": getattr(proc, "port", None),
+            "priority": proc.priority,
+            "autostart": proc.autostart,
+        }
+    return {
+        "generated": ctx.header,
+        "format_version": FORMAT_VERSION,
+        "project": config.project,
+        "environment": ctx.env,
+        "backend": ctx.backend,
+        "durability": config.durability,
+        "paths": {**paths, "build_dir": str(ctx.build_dir)},
+        "control": {
+            "backend": ctx.backend,
+            "mode": sv.mode,
+            "socket": supervisord_socket(config, paths),
+            "config": sv_config,
+            "pidfile": str(Path(paths["run_dir"]) / "supervisord.pid"),
+            "group": config.project,
+            "unit_dir": config.systemd.unit_dir,
+            "target": f"{config.project}.target",
+        },
+        "dashboard_url": dashboard_url(config),
+        "processes": processes,
+    }

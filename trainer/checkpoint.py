@@ -1,0 +1,156 @@
+"""Atomic, step-named checkpoints in one directory: save, keep the last K, load the newest valid one.
+
+A checkpoint is written to a temp file in the same directory, fsynced,
+renamed over its final name with os.replace and the directory fsynced, so a
+crash at any instant leaves either the old set of files or the new one, never a
+half-written `ckpt-*.pt`. A temp file left by a crash is removed at start-up.
+Limits: the directory must be on a local filesystem (rename is atomic there;
+NFS makes weaker promises).
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import re
+import tempfile
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Callable
+
+import torch
+
+PREFIX = "ckpt-"
+SUFFIX = ".pt"
+TEMP_PREFIX = ".tmp-ckpt-"
+_NAME = re.compile(r"^ckpt-(\d{9,})\.pt$")
+
+log = logging.getLogger("keel.trainer.checkpoint")
+
+
+def checkpoint_name(step: int) -> str:
+    """`ckpt-000001234.pt`: zero-padded so names sort like steps."""
+    return f"{PREFIX}{step:09d}{SUFFIX}"
+
+
+def parse_step(name: str) -> int | None:
+    """The step in a checkpoint file name, or None for any other file."""
+    m = _NAME.match(name)
+    return int(m.group(1)) if m else None
+
+
+@dataclass(frozen=True)
+class Loaded:
+    """A checkpoint that loaded: its step, path and contents."""
+
+    step: int
+    path: Path
+    state: dict[str, Any]
+
+
+def _fsync_dir(path: Path) -> None:
+    fd = os.open(path, os.O_RDONLY | os.O_DIRECTORY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+
+
+class CheckpointStore:
+    """The checkpoints of one run in `directory`.
+
+    `on_corrupt(path, error)` is called for every unreadable checkpoint that
+    `load_latest` skips, so the caller can report it as an event.
+    """
+
+    def __init__(
+        self,
+        directory: str | os.PathLike,
+        keep: int = 3,
+        *,
+        on_corrupt: Callable[[Path, BaseException], None] | None = None,
+    ) -> None:
+        if keep < 1:
+            raise ValueError(f"keep must be at least 1, not {keep}")
+        self.directory = Path(directory)
+        self.keep = keep
+        self._on_corrupt = on_corrupt
+
+    def steps(self) -> list[tuple[int, Path]]:
+        """Every finished checkpoint as (step, path), oldest first."""
+        try:
+            names = os.listdir(self.directory)
+        except FileNotFoundError:
+            return []
+        found = [(s, self.directory / n) for n in names if (s := parse_step(n)) is not None]
+        return sorted(found)
+
+    def remove_stale_temps(self) -> list[Path]:
+        """Delete temp files a killed writer left behind; call once at start, before any save."""
+        removed = []
+        try:
+            names = os.listdir(self.directory)
+        except FileNotFoundError:
+            return removed
+        for n in names:
+            if n.startswith(TEMP_PREFIX):
+                p = self.directory / n
+                try:
+                    p.unlink()
+                    removed.append(p)
+                except FileNotFoundError:
+                    pass
+        return removed
+
+    def save(self, step: int, state: dict[str, Any]) -> Path:
+        """Write `state` as the checkpoint for `step` atomically, then prune to the last `keep`."""
+        self.directory.mkdir(parents=True, exist_ok=True)
+        final = self.directory / checkpoint_name(step)
+        fd, tmp = tempfile.mkstemp(prefix=TEMP_PREFIX, suffix=SUFFIX, dir=self.directory)
+        try:
+            with os.fdopen(fd, "wb") as f:
+                torch.save(state, f)
+                f.flush()
+                os.fsync(f.fileno())
+            os.replace(tmp, final)
+        except BaseException:
+            # A failed write (disk full, a bug in state) must not leave a temp file behind.
+            try:
+                os.unlink(tmp)
+            except FileNotFoundError:
+                pass
+            raise
+        # The rename is durable only once the directory entry is on disk.
+        _fsync_dir(self.directory)
+        self._prune()
+        return final
+
+    def _prune(self) -> None:
+        for _, path in self.steps()[: -self.keep]:
+            try:
+                path.unlink()
+            except FileNotFoundError:
+                pass
+
+    def load_latest(self, map_location: Any = "cpu") -> Loaded | None:
+        """The newest checkpoint that loads; unreadable newer ones are skipped (and reported), never raised."""
+        for step, path in reversed(self.steps()):
+            try:
+                # weights_only=False: the state holds RNG states and optimizer state written by us.
+                state = torch.load(path, map_location=map_location, weights_only=False)
+                if not isinstance(state, dict):
+                    raise ValueError(f"checkpoint holds {type(state).__name__}, not a dict")
+            except FileNotFoundError:
+                continue  # pruned by a concurrent writer between listdir and open
+            except Exception as e:  # noqa: BLE001 - any unreadable file is skipped, whatever broke it
+                log.warning(
+                    "skipping unreadable checkpoint %s: %s",
+                    path,
+                    e,
+                    extra={"event": "checkpoint_corrupt", "path": str(path)},
+                )
+                if self._on_corrupt is not None:
+                    self._on_corrupt(path, e)
+                continue
+            return Loaded(step=step, path=path, state=state)
+        return None
