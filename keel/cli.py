@@ -77,7 +77,7 @@ def make_dirs(stack: dict, names: list[str]) -> None:
         os.makedirs(directory, mode=0o750, exist_ok=True)
 
 
-def reload_supervisord(socket: str, group: str, out=sys.stdout) -> str:
+def reload_supervisord(socket: str, programs: list[str]) -> str:
     """include mode: ask the host supervisord to reread and update (only changed programs restart)."""
     if not os.path.exists(socket):
         return f"supervisord at {socket} not running: start it, then `supervisorctl update`"
@@ -85,17 +85,18 @@ def reload_supervisord(socket: str, group: str, out=sys.stdout) -> str:
     if ctl is None:
         return "supervisorctl not found: run `supervisorctl reread && supervisorctl update` yourself"
     url = f"unix://{socket}"
-    for args in (["reread"], ["update", group]):
+    for args in (["reread"], ["update", *programs]):
         done = subprocess.run([ctl, "-s", url, *args], capture_output=True, text=True, timeout=60)
         if done.returncode != 0:
             return f"supervisorctl {' '.join(args)} failed: {(done.stdout + done.stderr).strip()}"
-    return f"supervisord at {socket}: reread and updated group {group}"
+    return f"supervisord at {socket}: reread and updated {', '.join(programs)} (only changed programs restart)"
 
 
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     try:
-        loaded = load_config(args.env, _config_dir(args), args.overrides)
+        overrides = args.overrides + ([f"backend={args.backend}"] if args.backend else [])
+        loaded = load_config(args.env, _config_dir(args), overrides)
     except ConfigError as exc:
         print(f"render-config: {exc}", file=sys.stderr)
         return 2
@@ -142,7 +143,7 @@ def main(argv: list[str] | None = None) -> int:
             print(f"  {'changed ' if result.changed else 'same    '} {display_path(result.path)}")
     if (backend == "supervisord" and config.supervisord.mode == "include" and args.out is None
             and config.supervisord.reload and not args.no_reload):
-        message = reload_supervisord(stack["control"]["socket"], config.project)
+        message = reload_supervisord(stack["control"]["socket"], [p["program"] for p in stack["processes"].values()])
         if not args.quiet:
             print(message)
     return 0

@@ -205,6 +205,12 @@ def _strip_union_tags(loc: tuple[Any, ...]) -> PathKey:
 
 
 def _locate(path: PathKey, marks: dict[PathKey, Source]) -> Source:
+    """The source of a key: its own mark, else a key set under it (a --set), else its nearest parent's."""
+    if path in marks:
+        return marks[path]
+    for key, source in marks.items():
+        if key[: len(path)] == path and len(key) > len(path):
+            return source
     for cut in range(len(path), -1, -1):
         source = marks.get(path[:cut])
         if source is not None:
@@ -259,6 +265,9 @@ def format_validation_error(exc: ValidationError, data: dict[str, Any], marks: d
     path = _strip_union_tags(first["loc"])
     if first["type"] in ("union_tag_not_found", "union_tag_invalid"):
         path = path + ("kind",)
+    field = getattr(first.get("ctx", {}).get("error"), "field", None)
+    if field is not None:
+        path = path + (field,)
     line = f"{_locate(path, marks)}: {dotted(path)}: {_message(first, data, path)}"
     if len(errors) > 1:
         line += f" (and {len(errors) - 1} more)"
@@ -297,7 +306,7 @@ def cross_field_errors(config: KeelConfig) -> list[tuple[PathKey, str]]:
                 errors.append((base + ("port",), f"port {port} is already used by processes.{port_owner[port]}"))
             port_owner.setdefault(port, name)
         if proc.kind == "dashboard" and proc.allow_origins is None and not is_loopback(proc.address):
-            errors.append((base + ("allow_origins",), f"address {proc.address} is not loopback: list the allowed origins (host:port) explicitly"))
+            errors.append((base + ("address",), f"{proc.address} is not loopback: list the allowed origins in allow_origins (host:port)"))
         if proc.limits.gpu_memory is not None and not proc.gpus:
             errors.append((base + ("limits", "gpu_memory"), "gpu_memory is set but the process has no GPUs"))
         if config.backend == "systemd":
@@ -305,8 +314,6 @@ def cross_field_errors(config: KeelConfig) -> list[tuple[PathKey, str]]:
                 errors.append((base + ("command",), f"systemd needs an absolute path for the program, got {proc.command[0]!r}"))
             if proc.working_dir and not os.path.isabs(proc.working_dir):
                 errors.append((base + ("working_dir",), "systemd needs an absolute working_dir"))
-    if config.backend == "systemd" and not os.path.isabs(config.paths.root):
-        errors.append((("paths", "root"), "systemd needs an absolute paths.root"))
     if config.python is not None and not os.path.isabs(config.python):
         errors.append((("python",), f"python must be an absolute path, got {config.python!r}"))
     return errors

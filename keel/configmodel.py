@@ -94,6 +94,14 @@ def _argv(value: Any) -> Any:
 Command = Annotated[list[str], BeforeValidator(_argv), Field(min_length=1)]
 
 
+class FieldProblem(ValueError):
+    """A check across fields of one section; `field` names the key the error is reported at."""
+
+    def __init__(self, field: str, message: str) -> None:
+        super().__init__(message)
+        self.field = field
+
+
 class Strict(BaseModel):
     """Every section forbids unknown keys, so a typo is an error, not a silently ignored setting."""
 
@@ -155,7 +163,8 @@ class Health(Strict):
     @model_validator(mode="after")
     def _interval_below_timeout(self) -> Health:
         if self.heartbeat_interval >= self.heartbeat_timeout:
-            raise ValueError(
+            raise FieldProblem(
+                "heartbeat_interval",
                 f"heartbeat_interval ({format_duration(self.heartbeat_interval)}) must be shorter than heartbeat_timeout ({format_duration(self.heartbeat_timeout)})"
             )
         return self
@@ -171,7 +180,7 @@ class Restart(Strict):
     @model_validator(mode="after")
     def _ordered(self) -> Restart:
         if self.backoff_initial > self.backoff_max:
-            raise ValueError("backoff_initial must not exceed backoff_max")
+            raise FieldProblem("backoff_initial", "backoff_initial must not exceed backoff_max")
         return self
 
 
@@ -286,7 +295,7 @@ class AuthSettings(Strict):
     @model_validator(mode="after")
     def _has_secret(self) -> AuthSettings:
         if self.required and not (self.password_hash or self.password_file):
-            raise ValueError("auth.required needs password_hash or password_file (there is no default password)")
+            raise FieldProblem("required", "auth.required needs password_hash or password_file (there is no default password)")
         return self
 
 

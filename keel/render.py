@@ -9,6 +9,7 @@ RenderError naming its key path, never written.
 
 from __future__ import annotations
 
+import hashlib
 import json
 import re
 import shlex
@@ -176,18 +177,30 @@ _AUTORESTART = {"always": "true", "on-failure": "unexpected", "never": "false"}
 _SYSTEMD_RESTART = {"always": "always", "on-failure": "on-failure", "never": "no"}
 
 
+def config_digest(process_json: str) -> str:
+    """A short digest of a process's resolved file, carried in its environment.
+
+    supervisorctl update (and systemd's unit diff) restart a program only when its own
+    section changed; the digest makes a change in `<name>.json` (a dashboard port, say)
+    change exactly that program's section, and nothing else's.
+    """
+    return hashlib.sha256(process_json.encode("utf-8")).hexdigest()[:16]
+
+
 def _programs(config: KeelConfig, ctx: Context) -> list[dict[str, Any]]:
     """Per-process values shared by every template, sorted by start priority then name."""
     paths = resolve_paths(config, ctx)
     out = []
     for name, proc in sorted(config.processes.items(), key=lambda item: (item[1].priority, item[0])):
+        environment = process_environment(name, proc, paths, ctx)
+        environment["KEEL_CONFIG_DIGEST"] = config_digest(_json_text(process_file(name, config, ctx)))
         out.append(
             {
                 "name": name,
                 "where": f"processes.{name}",
                 "proc": proc,
                 "command": process_command(name, proc, config, ctx),
-                "environment": process_environment(name, proc, paths, ctx),
+                "environment": environment,
                 "directory": proc.working_dir or str(ctx.code_dir),
                 "log_file": str(Path(paths["log_dir"]) / f"{name}.log"),
                 "autorestart": _AUTORESTART[proc.restart.policy],

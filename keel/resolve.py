@@ -154,7 +154,7 @@ def _kind_block(name: str, proc: Any, config: KeelConfig, ctx: Context, paths: d
             "prometheus_textfile": _abs(textfile, Path(paths["run_dir"])) if textfile else None,
             "stack": str(ctx.build_dir / "keel.json"),
         }
-    return {}
+    return {"port": proc.port}
 
 
 def process_file(name: str, config: KeelConfig, ctx: Context) -> dict[str, Any]:
@@ -222,7 +222,7 @@ def stack_file(config: KeelConfig, ctx: Context) -> dict[str, Any]:
     for name, proc in config.processes.items():
         processes[name] = {
             "kind": proc.kind,
-            "program": f"{config.project}:{name}",
+            "program": f"{config.project}-{name}",
             "unit": f"{config.project}-{name}.service",
             "command": process_command(name, proc, config, ctx),
             "config_file": str(ctx.build_dir / f"{name}.json"),
