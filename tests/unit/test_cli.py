@@ -125,7 +125,7 @@ def test_prod_out_writes_the_include_fragment(cfg, tmp_path):
     done = run("prod", "--config-dir", str(cfg), "--out", str(out))
     assert done.returncode == 0, done.stderr
     fragment = (out / "keel.conf").read_text()
-    assert "[group:keel]" in fragment and "[supervisord]" not in fragment
+    assert "[program:keel-trainer]" in fragment and "[supervisord]" not in fragment and "[group:" not in fragment
     written = [line.split()[-1] for line in done.stdout.splitlines() if line.startswith("  changed")]
     assert len(written) == 5 and all(path.startswith(str(out)) for path in written)  # --out installs nothing elsewhere
 

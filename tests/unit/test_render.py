@@ -77,7 +77,7 @@ def _render_and_parse(tmp_path: Path, command: list[str], environment: dict[str,
     files = render(_config(command, environment, tmp_path), _ctx(tmp_path), install=False)
     conf = tmp_path / "supervisord.conf"
     conf.write_text(next(f.text for f in files if f.path == "supervisord.conf"))
-    return _parse_supervisord(conf)["worker"]
+    return _parse_supervisord(conf)["p-worker"]
 
 
 TRICKY = {
