@@ -163,7 +163,7 @@ def test_change_to_dashboard_leaves_trainer_files_identical(tmp_path):
     assert before["dashboard.json"] != after["dashboard.json"]
 
     def section(text: str, name: str) -> str:
-        return text.split(f"[program:{name}]")[1].split("\n[")[0]
+        return text.split(f"[program:keel-{name}]")[1].split("\n[")[0]
 
     assert section(before["supervisord.conf"], "trainer") == section(after["supervisord.conf"], "trainer")
     assert section(before["supervisord.conf"], "dashboard") != section(after["supervisord.conf"], "dashboard")
