@@ -24,6 +24,11 @@ from keel.config import ConfigError, LoadedConfig, display_path, load_config
 CODE_DIR = Path(__file__).resolve().parent.parent
 
 
+def build_root() -> Path:
+    """Where build/<env>/ lives: the checkout's build/, or $KEEL_BUILD_ROOT (tests, read-only checkouts)."""
+    return Path(os.environ.get("KEEL_BUILD_ROOT") or CODE_DIR / "build").resolve()
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog="render-config",
@@ -108,7 +113,7 @@ def main(argv: list[str] | None = None) -> int:
 
     config = loaded.config
     backend = args.backend or config.backend
-    build_dir = (args.out or CODE_DIR / "build" / args.env).resolve()
+    build_dir = (args.out or build_root() / args.env).resolve()
     ctx = Context(env=args.env, code_dir=CODE_DIR, build_dir=build_dir, sources=_sources(loaded), backend=backend)
     try:
         files = render(config, ctx, install=args.out is None)

@@ -258,7 +258,8 @@ def render(config: KeelConfig, ctx: Context, *, install: bool = True) -> list[Re
     if config.supervisord.mode == "standalone":
         files.append(RenderedFile("supervisord.conf", _render(env, "supervisord/standalone.conf.j2", values)))
         if install:
-            root_conf = ctx.code_dir / "supervisord.conf"
+            # beside build/: the checkout's root, so bare `supervisord`/`supervisorctl` there find it
+            root_conf = ctx.build_dir.parent.parent / "supervisord.conf"
             files.append(RenderedFile(str(root_conf), _render(env, "supervisord/root.conf.j2", values)))
         return files
     fragment = _render(env, "supervisord/include.conf.j2", values)

@@ -1,0 +1,104 @@
+"""`bin/status <env>`: one line per process: state, health verdict, pid, uptime, restarts, step, loss, ages, GPUs.
+
+    bin/status dev            # a table (colours on a TTY)
+    bin/status dev --json     # for scripts and the Ansible health gate
+    bin/status dev --watch    # refresh every 2 s
+
+Exit code: 0 when every process is healthy, 1 when one is not, 2 when the stack
+was never rendered or its backend cannot be reached.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+import time
+
+from keel.launch import stack_path
+
+_COLOURS = {"ok": "\033[32m", "starting": "\033[36m", "degraded": "\033[33m", "unhealthy": "\033[31m", "stopped": "\033[2m"}
+
+
+def _age(value: float | None) -> str:
+    if value is None:
+        return "-"
+    if value < 120:
+        return f"{value:.0f}s"
+    if value < 7200:
+        return f"{value / 60:.0f}m"
+    return f"{value / 3600:.1f}h"
+
+
+def _num(value) -> str:
+    if value is None:
+        return "-"
+    return f"{value:.4g}" if isinstance(value, float) else str(value)
+
+
+def table(views, colour: bool) -> str:
+    header = ("PROCESS", "STATE", "HEALTH", "PID", "UPTIME", "RESTARTS", "STEP", "LOSS", "HEARTBEAT", "PROGRESS", "GPU", "WHY")
+    rows = [header]
+    for v in views:
+        rows.append((
+            v.name, v.state, v.health, _num(v.pid), _age(v.uptime_s), str(v.restarts), _num(v.step), _num(v.loss),
+            _age(v.heartbeat_age_s), _age(v.progress_age_s), ",".join(map(str, v.gpus)) or "-",
+            "" if v.health == "ok" else v.reason,
+        ))
+    widths = [max(len(r[i]) for r in rows) for i in range(len(header) - 1)]
+    lines = []
+    for index, row in enumerate(rows):
+        cells = [cell.ljust(widths[i]) for i, cell in enumerate(row[:-1])] + [row[-1]]
+        line = "  ".join(cells).rstrip()
+        if colour and index and row[2] in _COLOURS:
+            line = line.replace(row[2].ljust(widths[2]), f"{_COLOURS[row[2]]}{row[2].ljust(widths[2])}\033[0m", 1)
+        lines.append(line)
+    return "\n".join(lines)
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(prog="status", description="The state and health of every process of a stack.")
+    parser.add_argument("env")
+    parser.add_argument("--json", action="store_true", help="machine-readable output")
+    parser.add_argument("--watch", action="store_true", help="refresh every --interval seconds until Ctrl-C")
+    parser.add_argument("--interval", type=float, default=2.0)
+    args = parser.parse_args(argv)
+
+    from keel.control import backend_for
+    from keel.resources import ResourceSampler
+    from keel.stackview import StackFileError, all_healthy, collect, load_stack
+    from keel.statusfile import StatusReader
+
+    try:
+        stack = load_stack(stack_path(args.env))
+    except StackFileError as exc:
+        print(f"status: {exc}", file=sys.stderr)
+        return 2
+    backend = backend_for(stack, timeout=10.0)
+    reader, sampler = StatusReader(stack["paths"]["run_dir"]), ResourceSampler()
+    colour = sys.stdout.isatty() and not args.json
+    try:
+        while True:
+            views = collect(stack, backend, reader=reader, sampler=sampler)
+            healthy = all_healthy(views)
+            if args.json:
+                print(json.dumps({
+                    "project": stack["project"], "environment": stack["environment"], "backend": stack["backend"],
+                    "healthy": healthy, "dashboard_url": stack.get("dashboard_url"),
+                    "processes": [v.to_json() for v in views],
+                }), flush=True)
+            else:
+                if args.watch and colour:
+                    print("\033[2J\033[H", end="")
+                print(f"{stack['project']} ({stack['environment']}, {stack['backend']}): "
+                      + ("healthy" if healthy else "NOT healthy"))
+                print(table(views, colour), flush=True)
+            if not args.watch:
+                return 0 if healthy else 1
+            time.sleep(args.interval)
+    except KeyboardInterrupt:
+        return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
