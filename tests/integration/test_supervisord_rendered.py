@@ -102,3 +102,54 @@ def test_start_status_update_stop(stack):
     ctl(conf, "shutdown")
     wait_until(lambda: not is_alive(supervisord_pid), 15, what="supervisord gone")
     assert not socket.exists()
+
+
+def test_include_mode_on_a_host_supervisord(tmp_path, reaper):
+    """`bin/render-config <env> && supervisorctl start all` on a host whose supervisord reads conf.d."""
+    host = tmp_path / "host"
+    conf_d = host / "conf.d"
+    conf_d.mkdir(parents=True)
+    sock = host / "supervisor.sock"
+    host_conf = host / "supervisord.conf"
+    host_conf.write_text(textwrap.dedent(f"""\
+        [unix_http_server]
+        file={sock}
+        chmod=0700
+        [supervisord]
+        logfile={host}/supervisord.log
+        pidfile={host}/supervisord.pid
+        [rpcinterface:supervisor]
+        supervisor.rpcinterface_factory = supervisor.rpcinterface:make_main_rpcinterface
+        [supervisorctl]
+        serverurl=unix://{sock}
+        [include]
+        files = {conf_d}/*.conf
+        """))
+    subprocess.run([SUPERVISORD, "-c", str(host_conf)], check=True, timeout=30)
+    pid = int(wait_until(lambda: (host / "supervisord.pid").exists() and (host / "supervisord.pid").read_text().strip(), 10))
+    reaper.track(pid)
+
+    cfg = make_configs(tmp_path)
+    with open(cfg / "test.yaml", "a") as extra:
+        extra.write(f"supervisord:\n  mode: include\n  conf_dir: {conf_d}\n  socket: {sock}\n")
+    env = {**__import__("os").environ, "KEEL_BUILD_ROOT": str(tmp_path / "build")}
+    done = subprocess.run([str(REPO_ROOT / "bin" / "render-config"), "test", "--config-dir", str(cfg)],
+                          capture_output=True, text=True, timeout=60, env=env)
+    assert done.returncode == 0, done.stderr
+    assert (conf_d / "keel.conf").exists()
+    assert "reread and updated" in done.stdout  # render-config told the host supervisord
+    assert ctl(host_conf, "start", "all").returncode in (0, 1)
+    pids = wait_until(lambda: (p := program_pids(host_conf)) and len(p) == 3 and p, 20, what="3 programs RUNNING")
+    assert set(pids) == {"trainer", "dashboard", "watchdog"}
+
+    # a change to one process re-renders, and render-config's update restarts only that one
+    done = subprocess.run([str(REPO_ROOT / "bin" / "render-config"), "test", "--config-dir", str(cfg),
+                           "--set", "processes.watchdog.poll_interval=3s"], capture_output=True, text=True, timeout=60, env=env)
+    assert done.returncode == 0, done.stderr
+    after = wait_until(lambda: (p := program_pids(host_conf)) and len(p) == 3 and p, 20, what="3 programs RUNNING")
+    assert after["trainer"] == pids["trainer"] and after["dashboard"] == pids["dashboard"]
+    assert after["watchdog"] != pids["watchdog"]
+    ctl(host_conf, "shutdown")
+    wait_until(lambda: not is_alive(pid), 20, what="host supervisord gone")
+    for program_pid in after.values():
+        wait_until(lambda: not is_alive(program_pid), 10, what=f"program {program_pid} gone")
