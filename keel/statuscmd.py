@@ -3,6 +3,7 @@
     bin/status dev            # a table (colours on a TTY)
     bin/status dev --json     # for scripts and the Ansible health gate
     bin/status dev --watch    # refresh every 2 s
+    bin/status dev --wait 60  # wait until healthy (or 60 s), then print
 
 Exit code: 0 when every process is healthy, 1 when one is not, 2 when the stack
 was never rendered or its backend cannot be reached.
@@ -62,6 +63,8 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--json", action="store_true", help="machine-readable output")
     parser.add_argument("--watch", action="store_true", help="refresh every --interval seconds until Ctrl-C")
     parser.add_argument("--interval", type=float, default=2.0)
+    parser.add_argument("--wait", type=float, default=0.0, metavar="SECONDS",
+                        help="poll until every process is healthy or SECONDS pass (exit 0 or 1)")
     args = parser.parse_args(argv)
 
     from keel.control import backend_for
@@ -77,10 +80,14 @@ def main(argv: list[str] | None = None) -> int:
     backend = backend_for(stack, timeout=10.0)
     reader, sampler = StatusReader(stack["paths"]["run_dir"]), ResourceSampler()
     colour = sys.stdout.isatty() and not args.json
+    deadline = time.monotonic() + args.wait
     try:
         while True:
             views = collect(stack, backend, reader=reader, sampler=sampler)
             healthy = all_healthy(views)
+            if not healthy and time.monotonic() < deadline:
+                time.sleep(1.0)
+                continue
             if args.json:
                 print(json.dumps({
                     "project": stack["project"], "environment": stack["environment"], "backend": stack["backend"],
