@@ -179,3 +179,34 @@ def test_torchrun_command_and_rank_status_names(tmp_path):
     ]
     assert trainer["command"][0].endswith("/torchrun")
     assert trainer["status_names"] == ["trainer.rank0", "trainer.rank1"]
+
+
+@pytest.mark.parametrize("env", ENVIRONMENTS)
+def test_shipped_environments_parse_with_supervisor_and_match_keel_json(env, tmp_path):
+    """Every rendered program, as supervisord itself reads it, runs the command and environment keel.json describes."""
+    files = {f.path: f.text for f in golden_render(env, "supervisord")}
+    stack = json.loads(files["keel.json"])
+    for sub in ("log", "run"):
+        (tmp_path / sub).mkdir()
+    if "supervisord.conf" in files:
+        text = files["supervisord.conf"]
+    else:  # include mode: the fragment inside a minimal host supervisord.conf
+        text = f"[supervisord]\nlogfile={tmp_path}/log/s.log\npidfile={tmp_path}/run/s.pid\n" + files["keel.conf"]
+    text = text.replace(stack["paths"]["log_dir"], str(tmp_path / "log")).replace(stack["paths"]["run_dir"], str(tmp_path / "run"))
+    text = text.replace("directory=/opt/keel\n", f"directory={tmp_path}\n")  # supervisord checks it exists
+    text = text.replace("\nuser=keel\n", "\nuser=root\n")  # and that the user exists on this host
+    conf = tmp_path / "supervisord.conf"
+    conf.write_text(text)
+    options = ServerOptions()
+    options.realize(args=["-c", str(conf)])
+    programs = {pc.name: pc for group in options.process_group_configs for pc in group.process_configs}
+    assert set(programs) == {p["program"] for p in stack["processes"].values()}
+    for name, proc in stack["processes"].items():
+        program = programs[proc["program"]]
+        assert shlex.split(program.command) == proc["command"]
+        assert program.environment["KEEL_PROCESS"] == name
+        assert program.environment["KEEL_CONFIG"] == proc["config_file"]
+        assert program.stopsignal.name == "SIG" + proc["stop"]["signal"]
+        assert program.stopwaitsecs == int(proc["stop"]["timeout"])
+        assert program.stopasgroup and program.killasgroup
+        assert program.priority == proc["priority"]
