@@ -27,7 +27,7 @@ from datetime import datetime, timezone
 from enum import Enum
 from typing import Annotated, Any
 
-from pydantic import AfterValidator, BaseModel, ConfigDict, ValidationError, field_validator
+from pydantic import AfterValidator, BaseModel, ConfigDict, Field, ValidationError, field_validator
 
 SCHEMA_VERSION = 1
 
@@ -43,13 +43,14 @@ def check_name(name: str) -> str:
     return name
 
 
-def _to_utc(value: datetime) -> datetime:
+def to_utc(value: datetime) -> datetime:
+    """`value` as an aware UTC datetime; a naive one is taken to be UTC already."""
     if value.tzinfo is None:
         return value.replace(tzinfo=timezone.utc)
     return value.astimezone(timezone.utc)
 
 
-UtcDatetime = Annotated[datetime, AfterValidator(_to_utc)]
+UtcDatetime = Annotated[datetime, AfterValidator(to_utc)]
 
 
 def utc_now() -> datetime:
@@ -143,7 +144,7 @@ class ProcessStatus(BaseModel):
 
     model_config = _CONFIG
 
-    schema_version: int = SCHEMA_VERSION
+    schema_version: int = Field(default=SCHEMA_VERSION, strict=True)  # "1" is not 1
     name: str
     kind: str
     host: str

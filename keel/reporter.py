@@ -26,7 +26,7 @@ from typing import Any, Callable, Iterable
 
 import psutil
 
-from keel.models import Payload, ProcessStatus, State, payload_for, utc_now
+from keel.models import Payload, ProcessStatus, State, payload_for, to_utc, utc_now
 from keel.statusfile import METRICS_SUFFIX, Durability, Heartbeat, JsonlWriter, StatusWriter
 
 
@@ -58,7 +58,12 @@ class ProcessReporter:
         self._gpus = list(gpus)
         self._lock = threading.RLock()
         self._status: ProcessStatus | None = None
+        self._closed = False
         self.heartbeat = Heartbeat(heartbeat_interval, self.beat, name=f"keel-heartbeat-{name}")
+
+    def _now_wall(self) -> datetime:
+        # model_copy skips validation, so normalise an injected clock here.
+        return to_utc(self._wall())
 
     @property
     def status(self) -> ProcessStatus | None:
@@ -67,15 +72,16 @@ class ProcessReporter:
 
     def _publish(self, **fields: Any) -> None:
         # Caller holds self._lock. Every write is also a heartbeat: it proves we run.
-        assert self._status is not None, "call start() first"
-        fields.setdefault("heartbeat_wall", self._wall())
+        if self._status is None:
+            raise RuntimeError(f"ProcessReporter({self.name!r}): call start() first")
+        fields.setdefault("heartbeat_wall", self._now_wall())
         fields.setdefault("heartbeat_mono", self._mono())
         self._status = self.writer.write(self._status.model_copy(update=fields))
 
     def start(self, payload: Payload | dict | None = None) -> None:
         """Write the first snapshot (state=starting) and start the heartbeat thread."""
         with self._lock:
-            now_wall, now_mono = self._wall(), self._mono()
+            now_wall, now_mono = self._now_wall(), self._mono()
             pid = os.getpid()
             self._status = ProcessStatus(
                 name=self.name,
@@ -108,7 +114,8 @@ class ProcessReporter:
             self._publish(**fields)
 
     def _merged_payload(self, fields: dict[str, Any]) -> Payload:
-        assert self._status is not None, "call start() first"
+        if self._status is None:
+            raise RuntimeError(f"ProcessReporter({self.name!r}): call start() first")
         current = self._status.payload
         base = {} if current is None else (current if isinstance(current, dict) else current.model_dump())
         return payload_for(self.kind, {**base, **fields})
@@ -116,7 +123,7 @@ class ProcessReporter:
     def progress(self, **payload_fields: Any) -> None:
         """Record progress (a finished step): moves the progress clock and merges the payload."""
         with self._lock:
-            now_wall, now_mono = self._wall(), self._mono()
+            now_wall, now_mono = self._now_wall(), self._mono()
             self._publish(
                 payload=self._merged_payload(payload_fields),
                 progress_wall=now_wall,
@@ -138,6 +145,9 @@ class ProcessReporter:
         """Stop the heartbeat, write the final state, close files. Safe to call twice."""
         self.heartbeat.stop()
         with self._lock:
+            if self._closed:
+                return
+            self._closed = True
             if self._status is not None:
                 self.set_state(state, error)
         self._metrics.close()

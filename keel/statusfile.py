@@ -20,9 +20,11 @@ import json
 import math
 import os
 import secrets
+import socket
 import stat
 import threading
 import time
+import weakref
 from dataclasses import dataclass
 from datetime import date, datetime, timezone
 from pathlib import Path
@@ -36,6 +38,7 @@ from keel.models import (
     decode_status,
     encode_status,
     payload_for,
+    utc_now,
 )
 
 Durability = Literal["none", "fsync"]
@@ -45,6 +48,7 @@ LOCK_SUFFIX = ".lock"
 METRICS_SUFFIX = ".metrics.jsonl"
 EVENTS_FILE = "watchdog.events.jsonl"
 FILE_MODE = 0o640
+_WRITER_READ_MAX = 64 << 20
 
 _O_CLOEXEC = getattr(os, "O_CLOEXEC", 0)
 _O_NOFOLLOW = getattr(os, "O_NOFOLLOW", 0)
@@ -185,6 +189,19 @@ class _FileLock:
         self._thread_lock = threading.Lock()
         self._fd: int | None = None
         self._pid = os.getpid()
+        _track_for_fork(self)
+
+    def _after_fork_in_child(self) -> None:
+        # A forked child (a DataLoader worker, say) must not keep our lock's open file
+        # description: if it outlived a SIGKILLed parent that held the lock, the lock
+        # would stay taken. Also a thread of the parent may have held the thread lock.
+        if self._fd is not None:
+            try:
+                os.close(self._fd)
+            except OSError:
+                pass
+        self._fd = None
+        self._thread_lock = threading.Lock()
 
     def _lock_fd(self) -> int:
         if self._fd is None or self._pid != os.getpid():
@@ -238,6 +255,23 @@ class _FileLock:
         self._fd = None
 
 
+_FORK_TRACKED: "weakref.WeakSet[_FileLock]" = weakref.WeakSet()
+_fork_hook_registered = False
+
+
+def _track_for_fork(lock: _FileLock) -> None:
+    global _fork_hook_registered
+    _FORK_TRACKED.add(lock)
+    if not _fork_hook_registered:  # registered on first use, not at import
+        os.register_at_fork(after_in_child=_after_fork_in_child)
+        _fork_hook_registered = True
+
+
+def _after_fork_in_child() -> None:
+    for lock in list(_FORK_TRACKED):
+        lock._after_fork_in_child()
+
+
 # --------------------------------------------------------------------------- snapshots
 
 
@@ -281,7 +315,7 @@ def remove_stale_temps(run_dir: str | os.PathLike, name: str) -> list[str]:
         try:
             os.unlink(entry.path)
             removed.append(entry.path)
-        except FileNotFoundError:
+        except OSError:  # best effort: gone already, or a read-only dir the write will report
             pass
     return removed
 
@@ -309,6 +343,8 @@ class StatusWriter:
         self.run_dir = Path(run_dir)
         self.name = check_name(name)
         self.path = self.run_dir / f"{name}{STATUS_SUFFIX}"
+        self._fname = f"{name}{STATUS_SUFFIX}"
+        self._tmp_prefix = _temp_prefix(name)
         self.lock_path = self.run_dir / f"{name}{LOCK_SUFFIX}"
         self.durability = durability
         self._ops = ops
@@ -333,14 +369,15 @@ class StatusWriter:
     def _read_current(self) -> ProcessStatus | None:
         """The snapshot on disk (under our lock), or None if missing or unreadable."""
         try:
-            fd = os.open(self.path.name, os.O_RDONLY | _O_NOFOLLOW | _O_CLOEXEC | os.O_NONBLOCK, dir_fd=self._dirfd())
+            fd = os.open(self._fname, os.O_RDONLY | _O_NOFOLLOW | _O_CLOEXEC | os.O_NONBLOCK, dir_fd=self._dirfd())
         except OSError:
             return None
         try:
             st = os.fstat(fd)
-            if not stat.S_ISREG(st.st_mode) or st.st_size > (1 << 20):
+            # No reader cap here: the seq floor must come from any snapshot we can parse.
+            if not stat.S_ISREG(st.st_mode) or st.st_size > _WRITER_READ_MAX:
                 return None
-            data = os.read(fd, st.st_size + 1)
+            data = b"".join(iter(lambda: os.read(fd, 1 << 20), b""))
         finally:
             os.close(fd)
         try:
@@ -351,7 +388,7 @@ class StatusWriter:
     def _disk_seq(self) -> int:
         """seq floor from disk, re-read only when someone else replaced the file."""
         try:
-            st = os.stat(self.path.name, dir_fd=self._dirfd(), follow_symlinks=False)
+            st = os.stat(self._fname, dir_fd=self._dirfd(), follow_symlinks=False)
             key = (st.st_ino, st.st_size, st.st_mtime_ns)
         except OSError:
             return self._seq
@@ -360,30 +397,38 @@ class StatusWriter:
         current = self._read_current()
         return max(self._seq, current.seq if current is not None else 0)
 
-    def _replace(self, data: bytes) -> None:
+    def _replace(self, data: bytes) -> tuple[int, int, int]:
         """temp (O_EXCL|O_NOFOLLOW, 0640) -> write -> [fsync] -> os.replace -> [fsync dir]."""
         ops = self._ops
         dir_fd = self._dirfd()
-        tmp = f"{_temp_prefix(self.name)}{os.getpid()}.{secrets.token_hex(4)}"
+        tmp = f"{self._tmp_prefix}{os.getpid()}.{secrets.token_hex(4)}"
         fd = -1
+        created = False
         try:
+            # O_EXCL: never reuse an existing name (a planted file or symlink makes this
+            # fail instead of writing through it); O_NOFOLLOW for good measure.
             fd = ops.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL | _O_NOFOLLOW | _O_CLOEXEC, FILE_MODE, dir_fd=dir_fd)
+            created = True
             _write_all(ops, fd, data)
             if self.durability == "fsync":
                 ops.fsync(fd)
+            # rename keeps inode, size and mtime: this is the key of the file we publish.
+            st = os.fstat(fd)
+            key = (st.st_ino, st.st_size, st.st_mtime_ns)
             fd, _fd = -1, fd
             ops.close(_fd)
-            ops.replace(tmp, self.path.name, src_dir_fd=dir_fd, dst_dir_fd=dir_fd)
+            ops.replace(tmp, self._fname, src_dir_fd=dir_fd, dst_dir_fd=dir_fd)
         except OSError as exc:
             if fd >= 0:
                 try:
                     os.close(fd)
                 except OSError:
                     pass
-            try:
-                os.unlink(tmp, dir_fd=dir_fd)
-            except OSError:
-                pass
+            if created:  # only our own temp: a name we did not create is not ours to remove
+                try:
+                    os.unlink(tmp, dir_fd=dir_fd)
+                except OSError:
+                    pass
             raise StatusWriteError(exc, self.path) from exc
         if self.durability == "fsync":
             # The rename is durable only once the directory is synced. The new
@@ -393,17 +438,13 @@ class StatusWriter:
                 ops.fsync(dir_fd)
             except OSError as exc:
                 raise StatusWriteError(exc, self.run_dir, "fsync run dir") from exc
+        return key
 
     def _commit(self, status: ProcessStatus) -> ProcessStatus:
         seq = self._disk_seq() + 1
         status = status.model_copy(update={"seq": seq})
-        self._replace(encode_status(status))
+        self._written = self._replace(encode_status(status))
         self._seq = seq
-        try:
-            st = os.stat(self.path.name, dir_fd=self._dirfd(), follow_symlinks=False)
-            self._written = (st.st_ino, st.st_size, st.st_mtime_ns)
-        except OSError:
-            self._written = None
         return status
 
     # -- public API
@@ -422,12 +463,20 @@ class StatusWriter:
     def update(self, **fields: Any) -> ProcessStatus:
         """Read-modify-write under the lock; `payload=dict` merges into the current payload.
 
+        A callable value is applied to the current value of that field, under the lock
+        (``update(payload=lambda p: {"count": p["count"] + 1})`` loses no increment).
         Raises FileNotFoundError (naming the path) if there is no valid snapshot to update.
         """
+        unknown = set(fields) - set(ProcessStatus.model_fields) | ({"seq", "name"} & set(fields))
+        if unknown:
+            raise TypeError(f"update() cannot set {sorted(unknown)} of {self.path}")
         with self._lock:
             current = self._read_current()
             if current is None:
                 raise FileNotFoundError(errno.ENOENT, "no valid status snapshot to update", str(self.path))
+            for key, value in fields.items():
+                if callable(value):
+                    fields[key] = value(getattr(current, key))
             if "payload" in fields and isinstance(fields["payload"], dict) and current.payload is not None:
                 base = current.payload if isinstance(current.payload, dict) else current.payload.model_dump()
                 fields["payload"] = {**base, **fields["payload"]}
@@ -463,7 +512,9 @@ Result = ProcessStatus | ReadError
 class StatusReader:
     """Reads snapshots without locking; returns a ProcessStatus or a ReadError, never raises.
 
-    `mono` is the monotonic clock used for `stale_after` (time.monotonic by default).
+    `mono` and `wall` are the clocks used for `stale_after`: the monotonic one for
+    snapshots written on this host, the wall one (UTC datetimes) for other hosts,
+    whose monotonic values mean nothing here.
     """
 
     def __init__(
@@ -473,11 +524,16 @@ class StatusReader:
         max_bytes: int = 1 << 20,
         stale_after: float | None = None,
         mono: Callable[[], float] = time.monotonic,
+        wall: Callable[[], datetime] = utc_now,
+        host: str | None = None,
     ) -> None:
         self.run_dir = Path(run_dir)
         self.max_bytes = max_bytes
         self.stale_after = stale_after
+        self.scan_error: str | None = None  # why the last scan() could not list the run dir
         self._mono = mono
+        self._wall = wall
+        self._host = host if host is not None else socket.gethostname()
         self._run_dir_s = str(self.run_dir)
         # name -> ((ino, size, mtime_ns), result, trusted)
         self._cache: dict[str, tuple[tuple[int, int, int], Result, bool]] = {}
@@ -502,8 +558,12 @@ class StatusReader:
                 return Unreadable(path, "not a regular file"), key
             if st.st_size > self.max_bytes:
                 return TooLarge(path, f"{st.st_size} bytes > cap {self.max_bytes}", st.st_size), key
-            # Read one byte more than the cap: a file that grew after fstat is still caught.
-            data = os.read(fd, self.max_bytes + 1)
+            # Ask for one byte more than fstat said: a snapshot is replaced, never
+            # grown in place, but a foreign file might be; then read on up to the cap.
+            # (Not max_bytes + 1 at once: a 1 MiB buffer per read costs more than the read.)
+            data = os.read(fd, st.st_size + 1)
+            if len(data) > st.st_size:
+                data += os.read(fd, self.max_bytes + 1 - len(data))
         except OSError as exc:
             return Unreadable(path, exc.strerror or str(exc)), None
         finally:
@@ -513,18 +573,24 @@ class StatusReader:
         if not data:
             return Corrupt(path, "empty file"), key
         try:
-            return decode_status(data, path), key
+            status = decode_status(data, path)
         except UnknownVersionError as exc:
             return UnknownVersion(path, exc.detail, exc.version), key
         except StatusDecodeError as exc:
             return Corrupt(path, exc.detail), key
         except Exception as exc:  # noqa: BLE001 - a reader must never raise into a UI loop
             return Corrupt(path, f"{type(exc).__name__}: {exc}"), key
+        if status.name != name:  # a copied or misplaced file must not speak for another process
+            return Corrupt(path, f"snapshot names {status.name!r}, file is for {name!r}"), key
+        return status, key
 
     def _judge(self, result: Result) -> Result:
         if self.stale_after is None or not isinstance(result, ProcessStatus):
             return result
-        age = result.heartbeat_age(self._mono())
+        if result.host == self._host:
+            age = result.heartbeat_age(self._mono())
+        else:
+            age = (self._wall() - result.heartbeat_wall).total_seconds()
         if age > self.stale_after:
             return Stale(self._path(result.name), f"heartbeat {age:.1f}s old > {self.stale_after:g}s", age, result)
         return result
@@ -550,7 +616,9 @@ class StatusReader:
             entries = os.scandir(self.run_dir)
         except OSError as exc:
             self._cache = {}
-            return {"": Unreadable(self._run_dir_s, f"cannot list run dir: {exc.strerror or exc}")}
+            self.scan_error = f"cannot list {self._run_dir_s}: {exc.strerror or exc}"
+            return {}
+        self.scan_error = None
         with entries:
             for entry in entries:
                 fname = entry.name
@@ -742,8 +810,9 @@ class JsonlTail:
     """Follows a JsonlWriter's file from a byte offset, across rotation and truncation.
 
     Keeps the current file open, so after a rotation it drains the old inode (now
-    path.1) before moving on, and reads any rotated files in between: no record is
-    lost or repeated while the writer keeps at most `backups` rotations. A partial
+    path.1) to its end, then follows the chain of rotated files by inode to the live
+    one: no record is lost or repeated as long as the file after ours has not been
+    rotated away before we look (else `.gaps` counts it). A partial
     last line is held back until its newline arrives. Lines that are not JSON
     objects are skipped and counted in `.corrupt_lines`.
     """
@@ -753,6 +822,7 @@ class JsonlTail:
         self.offset = offset
         self.corrupt_lines = 0
         self.rotations = 0
+        self.gaps = 0  # rotations where records may have been dropped before we read them
         self._backups_max = backups_max
         self._fd: int | None = None
         self._ino: int | None = None
@@ -810,64 +880,76 @@ class JsonlTail:
                 return bytes(buf)
             buf += chunk
 
-    def _rotated_after(self, old_ino: int) -> list[str]:
-        """Rotated files newer than the one with inode `old_ino`, oldest first."""
-        found: list[tuple[int, str]] = []
-        for i in range(1, self._backups_max + 1):
-            p = f"{self.path}.{i}"
+    def _chain(self) -> list[tuple[str, int]]:
+        """(path, inode) of the log and its rotations, newest first: path, path.1, path.2, ..."""
+        chain = []
+        for i in range(self._backups_max + 1):
+            p = str(self.path) if i == 0 else f"{self.path}.{i}"
             try:
-                ino = os.stat(p, follow_symlinks=False).st_ino
+                chain.append((p, os.stat(p, follow_symlinks=False).st_ino))
+            except FileNotFoundError:
+                if i > 0:
+                    break
             except OSError:
                 break
-            if ino == old_ino:
-                return [q for _, q in sorted(found, reverse=True)]
-            found.append((i, p))
-        # Our file fell off the end of the rotation; everything still there is newer.
-        return [q for _, q in sorted(found, reverse=True)]
+        return chain
+
+    def _successor(self, ino: int) -> tuple[str, int] | None:
+        """The file written after the one with inode `ino`, or None if there is none yet.
+
+        The writer may rotate while we look, so the chain is listed until two listings agree.
+        """
+        for _ in range(100):
+            chain = self._chain()
+            if chain == self._chain():
+                break
+        inodes = [i for _, i in chain]
+        if ino in inodes:
+            j = inodes.index(ino)
+            return chain[j - 1] if j > 0 else None
+        # Our file fell off the end of the rotation: the oldest one left follows it, and
+        # whatever was rotated away in between is lost (counted in .gaps).
+        if len(chain) > 1 or (chain and chain[0][0] != str(self.path)):
+            self.gaps += 1
+        return chain[-1] if chain else None
 
     def read_new(self, max_records: int | None = None) -> list[dict]:
         """Records appended since the last call (at most `max_records`); never raises for a missing file."""
         out: list[dict] = []
         if self._fd is None and not self._open_current():
             return out
-        assert self._fd is not None
-        size = os.fstat(self._fd).st_size
-        if size < self.offset:  # truncated in place: start over
+        assert self._fd is not None and self._ino is not None
+        if os.fstat(self._fd).st_size < self.offset:  # truncated in place: start over
             self.offset = 0
-        self.offset = self._drain(self._fd, self.offset, out, max_records)
-        if max_records is not None and len(out) >= max_records:
-            return out
-        try:
-            cur_ino = os.stat(self.path, follow_symlinks=False).st_ino
-        except OSError:
-            return out  # rotated and not yet recreated: keep the old fd
-        if cur_ino == self._ino:
-            return out
-        # Rotated: the writer no longer appends to our file, so drain it to the end,
-        # then the rotations in between, then the new file.
-        old_fd, old_ino = self._fd, self._ino
-        self.offset = self._drain(old_fd, self.offset, out, max_records)
-        if max_records is not None and len(out) >= max_records:
-            return out
-        between = self._rotated_after(old_ino) if old_ino is not None else []
-        os.close(old_fd)
-        self._fd = None
-        self.rotations += 1
-        for p in between:
+        while True:
+            self.offset = self._drain(self._fd, self.offset, out, max_records)
+            if max_records is not None and len(out) >= max_records:
+                return out
             try:
-                fd = os.open(p, os.O_RDONLY | _O_NOFOLLOW | _O_CLOEXEC)
+                if os.stat(self.path, follow_symlinks=False).st_ino == self._ino:
+                    return out  # still the live file
+            except FileNotFoundError:
+                return out  # mid-rotation: the new file is not there yet
+            # Rotated away. The writer closed it before renaming, so it is final: drain
+            # it to the end, then move to the file written after it.
+            self.offset = self._drain(self._fd, self.offset, out, max_records)
+            if max_records is not None and len(out) >= max_records:
+                return out
+            nxt = self._successor(self._ino)
+            if nxt is None:
+                return out
+            if os.fstat(self._fd).st_size > self.offset:
+                self.corrupt_lines += 1  # a cut last line that will never be finished
+            try:
+                fd = os.open(nxt[0], os.O_RDONLY | _O_NOFOLLOW | _O_CLOEXEC | os.O_NONBLOCK)
             except OSError:
-                continue
-            try:
-                if os.fstat(fd).st_ino == cur_ino:
-                    continue
-                self._drain(fd, 0, out, None)
-            finally:
+                return out  # moved while we looked: next call retries
+            if os.fstat(fd).st_ino != nxt[1]:
                 os.close(fd)
-        self.offset = 0
-        if self._open_current():
-            self.offset = self._drain(self._fd, 0, out, None if max_records is None else max(max_records - len(out), 0))
-        return out
+                return out
+            os.close(self._fd)
+            self._fd, self._ino, self.offset = fd, nxt[1], 0
+            self.rotations += 1
 
     def close(self) -> None:
         """Close the followed file."""
