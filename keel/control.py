@@ -22,6 +22,7 @@ with exponential backoff by ``retrying``; the caller still has to catch
 from __future__ import annotations
 
 import http.client
+import os
 import shutil
 import signal as _signal
 import socket
@@ -221,11 +222,27 @@ class SupervisordBackend:
             raise
 
     def stop(self, name: str) -> None:
-        """Stop and wait (supervisord escalates to SIGKILL after stopwaitsecs). Stopping a stopped process is fine."""
+        """Stop and wait (supervisord escalates to SIGKILL after stopwaitsecs). Stopping a stopped process is fine.
+
+        supervisord's own ``wait=True`` answers only on its next loop tick (up to 1 s
+        late); asking without waiting and polling the state is faster.
+        """
+        program = self._program(name)
         try:
-            self._call("stopProcess", self._program(name), self.stop_wait, process=name)
+            self._call("stopProcess", program, False, process=name)
         except NotRunning:
             return
+        if not self.stop_wait:
+            return
+        deadline = time.monotonic() + self.timeout
+        while True:
+            state = self._call("getProcessInfo", program, process=name)["statename"]
+            if state not in ("STOPPING", "RUNNING", "STARTING"):
+                return
+            if time.monotonic() >= deadline:
+                raise BackendUnavailable(f"{name} still {state} after {self.timeout:g}s", process=name,
+                                         backend=self.kind)
+            time.sleep(0.05)
 
     def restart(self, name: str) -> None:
         """Stop (waiting, up to the program's stopwaitsecs) then start."""
@@ -266,24 +283,33 @@ class SystemdBackend:
             raise BackendUnavailable(f"{self.systemctl} not found on PATH", process=process, backend=self.kind)
         cmd = [exe, "--no-pager", "--no-ask-password"] + (["--user"] if self.user else []) + args
         try:
-            done = subprocess.run(cmd, capture_output=True, text=True, timeout=self.timeout, check=False)
-        except subprocess.TimeoutExpired as exc:
-            raise BackendUnavailable(f"{' '.join(args)} timed out after {self.timeout:g}s",
-                                     process=process, backend=self.kind) from exc
+            # Its own session, so a timeout kills whatever it started too (a hung polkit agent, a stub's sleep).
+            proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+                                    start_new_session=True)
         except OSError as exc:
             raise BackendUnavailable(f"cannot run {exe}: {exc}", process=process, backend=self.kind) from exc
-        if done.returncode != 0:
-            err = (done.stderr or done.stdout).strip()
-            msg = f"systemctl {' '.join(args)} failed ({done.returncode}): {err}"
+        try:
+            stdout, stderr = proc.communicate(timeout=self.timeout)
+        except subprocess.TimeoutExpired as exc:
+            try:
+                os.killpg(proc.pid, _signal.SIGKILL)
+            except ProcessLookupError:
+                pass
+            proc.communicate()
+            raise BackendUnavailable(f"{' '.join(args)} timed out after {self.timeout:g}s",
+                                     process=process, backend=self.kind) from exc
+        if proc.returncode != 0:
+            err = (stderr or stdout).strip()
+            msg = f"systemctl {' '.join(args)} failed ({proc.returncode}): {err}"
             low = err.lower()
-            if "not found" in low or "not loaded" in low or done.returncode == 5:
+            if "not found" in low or "not loaded" in low or proc.returncode == 5:
                 raise NoSuchProcess(msg, process=process, backend=self.kind)
             if "no main pid" in low or "not active" in low or "not running" in low:
                 raise NotRunning(msg, process=process, backend=self.kind)
             if "failed to connect to bus" in low or "system has not been booted with systemd" in low:
                 raise BackendUnavailable(msg, process=process, backend=self.kind)
             raise ControlError(msg, process=process, backend=self.kind)
-        return done.stdout
+        return stdout
 
     def _unit(self, name: str) -> str:
         try:
@@ -417,13 +443,13 @@ def backend_for(stack: dict, *, timeout: float | None = None) -> ControlBackend:
     kind = control.get("backend") or stack.get("backend")
     processes: dict[str, dict] = stack.get("processes", {})
     project = stack.get("project", "keel")
+    # A stop waits for the slowest process's stop timeout (then SIGKILL); allow for it.
+    longest_stop = max((float(p.get("stop", {}).get("timeout", 10.0)) for p in processes.values()), default=10.0)
     if kind == "supervisord":
         group = control.get("group") or project
         programs = {name: p.get("program") or f"{group}:{name}" for name, p in processes.items()}
-        # A stop waits for the slowest process's stop timeout (supervisord then SIGKILLs); allow for it.
-        longest_stop = max((float(p.get("stop", {}).get("timeout", 10.0)) for p in processes.values()), default=10.0)
         return SupervisordBackend(control["socket"], programs, timeout=timeout or longest_stop + 10.0)
     if kind == "systemd":
         units = {name: p.get("unit") or f"{project}-{name}.service" for name, p in processes.items()}
-        return SystemdBackend(units, user=bool(control.get("user", False)), timeout=timeout or 30.0)
+        return SystemdBackend(units, user=bool(control.get("user", False)), timeout=timeout or longest_stop + 10.0)
     raise ValueError(f"unknown control backend {kind!r} in keel.json (expected supervisord or systemd)")

@@ -85,6 +85,8 @@ class Context:
     rss_over_polls: int = 0
     gpu_over_polls: int = 0
     consecutive: int = 3
+    backend_restarts: int = 0  # runs the backend itself started (autorestart) within the restart window
+    max_backend_restarts: int | None = None  # more than this: a crash loop the backend never gives up on
 
 
 class Identity(str, Enum):
@@ -147,6 +149,12 @@ def _payload_loss(status: ProcessStatus) -> Any:
 def backend_rule(ctx: Context) -> HealthVerdict | None:
     """supervisord/systemd's own state, when it settles the question."""
     state = ctx.backend_state
+    if ctx.max_backend_restarts is not None and ctx.backend_restarts > ctx.max_backend_restarts:
+        return HealthVerdict(
+            Level.UNHEALTHY,
+            f"restarted {ctx.backend_restarts} times by the backend (max {ctx.max_backend_restarts}): crash loop",
+            "crash_loop",
+        )
     if state in ("STARTING", "BACKOFF"):
         return HealthVerdict(Level.STARTING, f"the backend is (re)starting it ({state})", "backend_starting")
     if state == "FATAL":
@@ -179,6 +187,9 @@ def foreign_status_rule(
     )
     if status.state in (State.STOPPED, State.FAILED) and ctx.backend_state is None:
         return HealthVerdict(Level.OK, f"{detail}; it reported {status.state.value}", "not_running")
+    if who is Identity.GONE and ctx.backend_pid == status.pid:
+        # It exited and the backend has not reaped it yet (its own restart follows): do not race it.
+        return HealthVerdict(Level.STARTING, f"{detail}; the backend has not noticed the exit yet", rule)
     if ctx.backend_pid is not None and ctx.backend_pid != status.pid and _in_grace(ctx, config, now_mono):
         return HealthVerdict(Level.STARTING, f"{detail}; new run (pid {ctx.backend_pid}) not reported yet", rule)
     return HealthVerdict(Level.UNHEALTHY, detail, rule)

@@ -53,7 +53,7 @@ class GpuRow:
     temperature_c: float | None = None
 
 
-@dataclass
+@dataclass(eq=False)  # hashable by identity: the registry keys collectors by themselves
 class _Snapshot(Collector):
     rows: list[ProcessRow]
     gpus: list[GpuRow] = field(default_factory=list)

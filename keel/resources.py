@@ -40,6 +40,7 @@ __all__ = [
     "ResourceSample",
     "ResourceSampler",
     "allocate_gpus",
+    "gpus_for_process",
     "load_nvml",
     "prepare_process_dirs",
     "query_gpus",
@@ -187,45 +188,61 @@ class ResourceSampler:
         self._nvml = _Nvml(nvml)
         self._clock = clock
         # psutil.Process objects are kept between polls because cpu_percent() measures since the previous call.
-        self._procs: dict[int, psutil.Process] = {}
+        self._procs: dict[tuple[int, int], psutil.Process] = {}
         psutil.cpu_percent(None)  # prime the host counter (first call always returns 0.0)
 
-    def _proc(self, pid: int) -> psutil.Process:
-        proc = self._procs.get(pid)
-        # is_running() compares create times, so a reused pid gets a fresh object (and a fresh CPU baseline).
-        if proc is None or not proc.is_running():
+    def _proc(self, pid: int, start_ticks: int | None) -> psutil.Process:
+        key = (pid, start_ticks)
+        proc = self._procs.get(key)
+        # Keyed by (pid, start time): a reused pid gets a fresh object, so a fresh CPU baseline.
+        if proc is None:
             proc = psutil.Process(pid)
             proc.cpu_percent(None)
-            self._procs[pid] = proc
+            self._procs[key] = proc
         return proc
 
-    def _sample_tree(self, pid: int, seen: set[int]) -> ProcessSample:
+    def _measure(self, proc: psutil.Process) -> tuple[int, float]:
+        with proc.oneshot():  # one read of /proc/<pid>/stat for both
+            return proc.memory_info().rss, proc.cpu_percent(None)
+
+    def _sample_tree(self, pid: int, table: dict[int, tuple[int, int]], kids: dict[int, list[int]],
+                     seen: set) -> ProcessSample:
+        if pid not in table:
+            return ProcessSample(pid, False, None, 0, 0.0, 0)
         try:
-            root = self._proc(pid)
-            create_time = root.create_time()
-            if root.status() == psutil.STATUS_ZOMBIE:
-                return ProcessSample(pid, False, create_time, 0, 0.0, 0)
-            family = [root] + root.children(recursive=True)
+            root = self._proc(pid, table[pid][1])
+            with root.oneshot():
+                create_time = root.create_time()
+                if root.status() == psutil.STATUS_ZOMBIE:
+                    return ProcessSample(pid, False, create_time, 0, 0.0, 0)
         except (psutil.NoSuchProcess, psutil.AccessDenied):
             return ProcessSample(pid, False, None, 0, 0.0, 0)
         rss = 0
         cpu = 0.0
         pids: list[int] = []
-        for member in family:
+        todo = [pid]
+        while todo:
+            member = todo.pop()
+            todo.extend(kids.get(member, ()))
             try:
-                proc = self._proc(member.pid) if member.pid != pid else root
-                rss += proc.memory_info().rss
-                cpu += proc.cpu_percent(None)
-                pids.append(member.pid)
+                m_rss, m_cpu = self._measure(self._proc(member, table[member][1]))
             except (psutil.NoSuchProcess, psutil.AccessDenied, psutil.ZombieProcess):
-                continue  # a child that exited between children() and now
-        seen.update(pids)
+                continue  # a child that exited since /proc was listed
+            rss += m_rss
+            cpu += m_cpu
+            pids.append(member)
+            seen.add((member, table[member][1]))
         return ProcessSample(pid, True, create_time, rss, cpu, len(pids), tuple(pids))
 
     def sample(self, pids: Iterable[int]) -> ResourceSample:
         """Measure each pid's whole process tree, the host and the GPUs. Never raises for a gone pid or missing GPU."""
-        seen: set[int] = set()
-        trees = {pid: self._sample_tree(pid, seen) for pid in dict.fromkeys(pids)}
+        # One pass over /proc per sample: psutil's children() would rescan it for every tree.
+        table = _proc_table()
+        kids: dict[int, list[int]] = {}
+        for child, (ppid, _) in table.items():
+            kids.setdefault(ppid, []).append(child)
+        seen: set[tuple[int, int]] = set()
+        trees = {pid: self._sample_tree(pid, table, kids, seen) for pid in dict.fromkeys(pids)}
         for stale in set(self._procs) - seen:
             del self._procs[stale]
 
@@ -249,6 +266,31 @@ class ResourceSampler:
         """Shut NVML down (if it was initialised) and forget cached processes."""
         self._nvml.shutdown()
         self._procs.clear()
+
+
+def _proc_table(proc_root: str = "/proc") -> dict[int, tuple[int, int]]:
+    """pid -> (ppid, start time in clock ticks) for every process, from one read of each /proc/<pid>/stat."""
+    table: dict[int, tuple[int, int]] = {}
+    try:
+        entries = os.scandir(proc_root)
+    except OSError:
+        return table
+    with entries:
+        for entry in entries:
+            if not entry.name.isdigit():
+                continue
+            try:
+                with open(f"{proc_root}/{entry.name}/stat", "rb") as f:
+                    data = f.read()
+            except OSError:
+                continue  # exited while we listed
+            # The command name (field 2) may contain spaces and parentheses: split after the last ')'.
+            fields = data[data.rfind(b")") + 2 :].split()
+            try:
+                table[int(entry.name)] = (int(fields[1]), int(fields[19]))
+            except (IndexError, ValueError):
+                continue
+    return table
 
 
 def _with_gpu_memory(s: ProcessSample, per_pid: dict[int, int]) -> ProcessSample:
@@ -409,6 +451,32 @@ def allocate_gpus(
                 run_path,
             )
         time.sleep(poll)
+
+
+def gpus_for_process(
+    resolved: dict,
+    *,
+    environ: dict[str, str] | None = None,
+    nvml: Any | None = None,
+    timeout: float = 30.0,
+) -> tuple[list[int], GpuAllocation | None]:
+    """Apply a resolved file's ``gpus`` before torch is imported; returns (indices, allocation to keep).
+
+    ``[]``: no GPU (CUDA_VISIBLE_DEVICES=""); ``[0, 1]``: as rendered (the backend
+    already set the variable; it is set again here so a hand-started process agrees);
+    ``{"auto": N}``: ``allocate_gpus`` under the run dir's lock files. Keep the returned
+    allocation alive for the life of the process, and report the indices in the status.
+    """
+    env = os.environ if environ is None else environ
+    spec = resolved.get("gpus") or []
+    if isinstance(spec, dict):
+        alloc = allocate_gpus(int(spec["auto"]), resolved["paths"]["run_dir"], resolved.get("name", "process"),
+                              timeout=timeout, nvml=nvml)
+        env["CUDA_VISIBLE_DEVICES"] = alloc.cuda_visible_devices
+        return list(alloc.indices), alloc
+    indices = [int(i) for i in spec]
+    env["CUDA_VISIBLE_DEVICES"] = ",".join(str(i) for i in indices)
+    return indices, None
 
 
 # --------------------------------------------------------------------------- directories

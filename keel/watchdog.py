@@ -68,6 +68,8 @@ class WatchdogSettings:
     alert_command: list[str] | None = None
     alert_timeout: float = 10.0
     prometheus_textfile: Path | None = None
+    # Scrapers read the textfile every 15-60 s; rewriting it more often than this only costs CPU.
+    prometheus_interval: float = 5.0
     heartbeat_interval: float = 2.0
     jitter: str = "full"
 
@@ -89,6 +91,7 @@ class WatchdogSettings:
             prometheus_textfile=None if not prom else (Path(prom) if os.path.isabs(prom) else run_dir / prom),
             heartbeat_interval=float(resolved.get("heartbeat_interval", 2.0)),
             jitter=str(w.get("jitter", "full")),
+            prometheus_interval=float(w.get("prometheus_interval", 5.0)),
         )
 
 
@@ -100,10 +103,14 @@ class Watched:
     config: dict
     budget: RestartBudget
     incarnation: int | None = None  # the pid whose run `running_since` dates
+    pid: int | None = None  # the pid judged in the last poll (kept after a restart, for metrics)
     running_since: float | None = None
     rss_over: int = 0
     gpu_over: int = 0
     gave_up_pid: int | None = None
+    backend_pid: int | None = None  # the last pid seen RUNNING under the backend
+    backend_restarts: list[float] = field(default_factory=list)  # when the backend restarted it by itself
+    own_restart: bool = False  # the next new pid is ours, not the backend's autorestart
     last_key: tuple[str, str] | None = None
     deferred_attempt: int | None = None
     verdict: HealthVerdict | None = None
@@ -173,14 +180,31 @@ class Watchdog:
         self._backend_error: str | None = None
         self._saved: dict | None = None
         self.last_sample: ResourceSample | None = None
+        self._prom_at: float | None = None
+        self._prom_actions = 0
         self.watched: dict[str, Watched] = {}
+        self.set_stack(stack)
+        self._load_state()
+
+    def set_stack(self, stack: dict, backend: ControlBackend | None = None) -> None:
+        """Take a (re-rendered) keel.json: new processes are watched, removed ones dropped, the rest keep their budget."""
+        self.stack = stack
+        if backend is not None:
+            self.backend = backend
+        watched: dict[str, Watched] = {}
         for name, cfg in stack.get("processes", {}).items():
             if cfg.get("kind") == "watchdog":
                 continue  # it cannot restart itself; supervisord/systemd does that
-            budget = RestartBudget(BudgetSettings.from_config(cfg.get("restart", {}), settings.stable_after,
-                                                              settings.jitter), self.rng)  # type: ignore[arg-type]
-            self.watched[name] = Watched(name, cfg, budget)
-        self._load_state()
+            budget_settings = BudgetSettings.from_config(cfg.get("restart", {}), self.settings.stable_after,
+                                                         self.settings.jitter)  # type: ignore[arg-type]
+            old = self.watched.get(name)
+            if old is not None:
+                old.config = cfg
+                old.budget.settings = budget_settings
+                watched[name] = old
+            else:
+                watched[name] = Watched(name, cfg, RestartBudget(budget_settings, self.rng))
+        self.watched = watched
 
     # -- persistence
 
@@ -307,12 +331,20 @@ class Watchdog:
         current = backend_pid or next((s.pid for s in w.statuses if isinstance(s, ProcessStatus)), None)
         if backend_state not in (None, "RUNNING"):
             current = None
+        w.pid = current
+        window = w.budget.settings.window
+        if backend_pid is not None and backend_pid != w.backend_pid:
+            if w.backend_pid is not None and not w.own_restart:
+                w.backend_restarts.append(now)  # supervisord's autorestart: a crash after startsecs
+            w.own_restart = False
+            w.backend_pid = backend_pid
+        w.backend_restarts = [t for t in w.backend_restarts if now - t < window]
         if current != w.incarnation:  # a new run (or none): fresh grace, fresh counters
             w.incarnation, w.running_since = current, (now if current is not None else None)
             w.rss_over = w.gpu_over = 0
 
         ctx = Context(backend_state, backend_pid, w.running_since, w.rss_over, w.gpu_over,
-                      self.settings.rss_consecutive_polls)
+                      self.settings.rss_consecutive_polls, len(w.backend_restarts), w.budget.settings.max_restarts)
         verdicts: list[HealthVerdict] = []
         for status in w.statuses:
             verdicts.extend(evaluate(status, sample, w.config, now, ctx))
@@ -330,6 +362,7 @@ class Watchdog:
             if backend_state == "RUNNING" and backend_pid is not None and backend_pid != w.gave_up_pid:
                 budget.reset()
                 w.gave_up_pid = None
+                w.backend_restarts.clear()
                 self.emit(process=w.name, action="resumed", reason="started again by an operator; budget reset",
                           verdict=v, pid=backend_pid)
             else:
@@ -350,6 +383,10 @@ class Watchdog:
                 self.emit(process=w.name, action="none", reason="restart policy is never", verdict=v)
             return
 
+        if v.rule == "crash_loop" and backend_state != "FATAL":
+            # The backend keeps restarting it; one more restart from us cannot help.
+            self._give_up(w, v, info, len(w.backend_restarts), now)
+            return
         d = budget.check(now)
         if d.decision is Decision.WAIT:
             if w.deferred_attempt != d.attempt:
@@ -374,6 +411,7 @@ class Watchdog:
         except ControlError as exc:
             error = str(exc)
         delay = w.budget.record_restart(now)  # a failed attempt counts too: never hammer a broken backend
+        w.own_restart = True
         self.actions_taken += 1
         w.incarnation = w.running_since = None
         w.rss_over = w.gpu_over = 0
@@ -436,7 +474,7 @@ class Watchdog:
         rows = []
         for name, w in self.watched.items():
             status = next((s for s in w.statuses if isinstance(s, ProcessStatus)), None)
-            tree = sample.processes.get(w.incarnation) if sample and w.incarnation else None
+            tree = sample.processes.get(w.pid) if sample and w.pid else None
             health = "failed" if w.budget.gave_up else (w.verdict.level.value if w.verdict else "starting")
             payload = status.payload if status else None
             get = (payload.get if isinstance(payload, dict) else (lambda k: getattr(payload, k, None)))
@@ -457,9 +495,15 @@ class Watchdog:
             ))
         return rows
 
-    def write_prom(self) -> None:
+    def write_prom(self, *, force: bool = False) -> None:
+        """Rewrite keel.prom, at most every ``prometheus_interval`` unless an action was just taken (or ``force``)."""
         if self.settings.prometheus_textfile is None:
             return
+        now = self.clock()
+        if not force and self.actions_taken == self._prom_actions and \
+                self._prom_at is not None and now - self._prom_at < self.settings.prometheus_interval:
+            return
+        self._prom_at, self._prom_actions = now, self.actions_taken
         sample = self.last_sample
         gpus = [GpuRow(g.index, g.name, g.memory_used, g.memory_total, g.util_percent, g.temperature_c)
                 for g in (sample.gpus if sample else [])]
@@ -473,6 +517,13 @@ class Watchdog:
     def close(self) -> None:
         self.alerts.close(timeout=1.0)
         self.events.close()
+
+
+def _mtime(path: Path) -> int | None:
+    try:
+        return path.stat().st_mtime_ns
+    except OSError:
+        return None
 
 
 def _num(value: Any) -> float | None:
@@ -542,8 +593,21 @@ def main(argv: list[str] | None = None) -> int:
     watchdog.emit(process=None, action="started",
                   reason=f"watching {', '.join(sorted(watchdog.watched)) or 'nothing'} every {settings.poll_interval:g}s")
 
+    stack_mtime = _mtime(settings.stack)
+
     def on_poll() -> None:
+        nonlocal stack_mtime
         reporter.progress(last_poll=utc_now(), actions_taken=watchdog.actions_taken)
+        mtime = _mtime(settings.stack)
+        if mtime != stack_mtime:  # bin/render-config rewrote keel.json: follow it without a restart
+            stack_mtime = mtime
+            try:
+                new = json.loads(settings.stack.read_text())
+                watchdog.set_stack(new, backend_for(new))
+                watchdog.emit(process=None, action="stack_reloaded",
+                              reason=f"{settings.stack} changed; watching {', '.join(sorted(watchdog.watched))}")
+            except (OSError, ValueError, KeyError) as exc:
+                watchdog.emit(process=None, action="stack_reload_failed", reason=f"{settings.stack}: {exc}")
 
     try:
         run(watchdog, stop, on_poll=on_poll)
