@@ -240,7 +240,8 @@ class ProcessBase(Strict):
     log: LogSettings = Field(default_factory=LogSettings)
     priority: int = Field(100, ge=0, le=999, description="Start order (lower starts first, stops last).")
     autostart: bool = Field(True, description="Start with the stack.")
-    startsecs: Duration = Field(1.0, description="supervisord: running this long counts as a successful start.")
+    startsecs: Duration = Field(1.0, description="supervisord: running this long counts as a successful start (rounded up to whole seconds).")
+    startretries: int = Field(3, ge=0, le=100, description="supervisord: quick-exit retries before FATAL (the watchdog then applies its restart budget).")
 
     def gpu_list(self) -> list[int]:
         return list(self.gpus) if isinstance(self.gpus, list) else []
