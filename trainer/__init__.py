@@ -1,0 +1,1 @@
+"""`python -m trainer`: the isolated training process (see docs/trainer.md). Importing this package does nothing."""

@@ -23,6 +23,7 @@ import torch
 PREFIX = "ckpt-"
 SUFFIX = ".pt"
 TEMP_PREFIX = ".tmp-ckpt-"
+CORRUPT_SUFFIX = ".corrupt"
 _NAME = re.compile(r"^ckpt-(\d{9,})\.pt$")
 
 log = logging.getLogger("keel.trainer.checkpoint")
@@ -132,8 +133,16 @@ class CheckpointStore:
             except FileNotFoundError:
                 pass
 
+    def _quarantine(self, path: Path) -> None:
+        # Renamed aside (kept for a post-mortem) so it neither shadows newer saves nor takes a `keep` slot.
+        try:
+            os.replace(path, path.with_name(path.name + CORRUPT_SUFFIX))
+        except OSError:
+            pass  # another rank moved it first, or a read-only dir: skipping it is enough
+
     def load_latest(self, map_location: Any = "cpu") -> Loaded | None:
-        """The newest checkpoint that loads; unreadable newer ones are skipped (and reported), never raised."""
+        """The newest checkpoint that loads; unreadable newer ones are skipped, reported and renamed to
+        `<name>.corrupt`, never raised."""
         for step, path in reversed(self.steps()):
             try:
                 # weights_only=False: the state holds RNG states and optimizer state written by us.
@@ -149,6 +158,7 @@ class CheckpointStore:
                     e,
                     extra={"event": "checkpoint_corrupt", "path": str(path)},
                 )
+                self._quarantine(path)
                 if self._on_corrupt is not None:
                     self._on_corrupt(path, e)
                 continue

@@ -140,3 +140,17 @@ def load_settings(path: str | os.PathLike) -> TrainerSettings:
     """Read and parse the resolved file at `path`."""
     with open(path, encoding="utf-8") as f:
         return parse_settings(json.load(f))
+
+
+# AF_UNIX socket paths are limited to 107 bytes on Linux. multiprocessing (used by
+# DataLoader workers to pass tensors) creates `<TMPDIR>/pymp-XXXXXXXX/listener-XXXXXXXX`,
+# about 36 bytes more, so a deep TMPDIR makes every worker fail. Python 3.11 has no fallback.
+MAX_TMPDIR_LEN = 64
+
+
+def choose_tmpdir(configured: Path, name: str, uid: int) -> tuple[Path, bool]:
+    """The TMPDIR to use: the configured one, or `/tmp/keel-<uid>-<name>` when that is too long
+    for the unix sockets multiprocessing puts there. Returns (path, fell_back)."""
+    if len(os.fsencode(str(configured))) <= MAX_TMPDIR_LEN:
+        return configured, False
+    return Path(f"/tmp/keel-{uid}-{name}"), True

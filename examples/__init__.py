@@ -1,0 +1,1 @@
+"""Example plug-ins for `python -m trainer` (`entry: "examples.momentum.train:main"`)."""

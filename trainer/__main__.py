@@ -1,0 +1,226 @@
+"""`python -m trainer --config build/<env>/trainer.json`: the isolated training process.
+
+Start-up order matters: read the resolved file, claim GPUs and set
+CUDA_VISIBLE_DEVICES and TMPDIR, and only then import torch (CUDA reads the
+variable once, at initialisation). The status file says state=starting before
+the slow torch import, so the watchdog sees a process that is starting, not a
+missing one.
+
+Exit codes: 0 stopped (signal, max_steps, or the entry returned), 1 failed
+(an exception; state=failed with last_error), 2 bad command line or config file.
+"""
+
+from __future__ import annotations
+
+import argparse
+import importlib
+import json
+import logging
+import os
+import sys
+import tempfile
+import uuid
+from typing import Any, Callable, Sequence
+
+from keel.logs import setup_logging
+from keel.models import State
+from keel.reporter import ProcessReporter
+from keel.resources import allocate_gpus, prepare_process_dirs
+
+from trainer import distributed
+from trainer.sdnotify import Notifier
+from trainer.settings import SettingsError, TrainerSettings, choose_tmpdir, parse_settings
+from trainer.signals import StopFlag
+
+DEFAULT_ENTRY = "trainer.job:main"
+
+
+def resolve_entry(spec: str | None) -> Callable[[Any], Any]:
+    """Import `module:function` (default: the built-in job)."""
+    module_name, sep, func_name = (spec or DEFAULT_ENTRY).partition(":")
+    if not sep or not module_name or not func_name:
+        raise ValueError(f"entry must look like 'package.module:function', not {spec!r}")
+    obj: Any = importlib.import_module(module_name)
+    for part in func_name.split("."):
+        obj = getattr(obj, part)
+    if not callable(obj):
+        raise TypeError(f"entry {spec!r} is not callable")
+    return obj
+
+
+def status_name(settings: TrainerSettings, info: distributed.DistInfo | None) -> str:
+    """`trainer`, or `trainer.rank<N>` under torchrun (one status file per rank)."""
+    return f"{settings.name}.rank{info.rank}" if info is not None else settings.name
+
+
+def _parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
+    parser = argparse.ArgumentParser(prog="python -m trainer", description=__doc__.splitlines()[0])
+    parser.add_argument("--config", default=os.environ.get("KEEL_CONFIG"), help="resolved trainer.json")
+    args = parser.parse_args(argv)
+    if not args.config:
+        parser.error("--config (or KEEL_CONFIG) is required")
+    return args
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    """Run the trainer; returns the exit code."""
+    args = _parse_args(argv)
+    try:
+        with open(args.config, encoding="utf-8") as f:
+            doc = json.load(f)
+        settings = parse_settings(doc)
+    except (OSError, ValueError, SettingsError) as e:
+        print(f"trainer: cannot read {args.config}: {e}", file=sys.stderr)
+        return 2
+
+    # Signals first: a SIGTERM during the slow start-up must stop us cleanly, not kill us.
+    stop = StopFlag()
+    stop.install()
+    info = distributed.detect(os.environ)
+    name = status_name(settings, info)
+    log = setup_logging(name, settings.log_format, settings.log_level)
+    prepare_process_dirs(doc)
+    tmp_dir, fell_back = choose_tmpdir(settings.tmp_dir, name, os.getuid())
+    if fell_back:
+        tmp_dir.mkdir(mode=0o700, exist_ok=True)
+        if tmp_dir.lstat().st_uid != os.getuid() or tmp_dir.is_symlink():
+            # Someone else's directory in /tmp must not receive our sockets.
+            print(f"trainer: {tmp_dir} exists and is not ours; shorten paths.tmp_dir", file=sys.stderr)
+            return 2
+        log.warning(
+            "tmp_dir %s is too long for unix sockets; using %s",
+            settings.tmp_dir,
+            tmp_dir,
+            extra={"event": "tmpdir_fallback"},
+        )
+    os.environ["TMPDIR"] = str(tmp_dir)
+    tempfile.tempdir = None  # forget a temp dir chosen before TMPDIR was set
+
+    gpu_indices: list[int] = []
+    allocation = None
+    alloc_error: Exception | None = None
+    if settings.auto_gpus is not None:
+        try:
+            allocation = allocate_gpus(settings.auto_gpus, settings.run_dir, owner=name)
+            gpu_indices = list(allocation.indices)
+            os.environ["CUDA_VISIBLE_DEVICES"] = allocation.cuda_visible_devices
+        except Exception as e:  # noqa: BLE001 - reported as state=failed below
+            alloc_error = e
+    else:
+        gpu_indices = list(settings.gpus)
+        if not gpu_indices:
+            os.environ["CUDA_VISIBLE_DEVICES"] = ""  # no GPUs means none, not "all of them"
+
+    reporter = ProcessReporter(
+        settings.run_dir,
+        name,
+        "trainer",
+        durability=settings.durability,  # type: ignore[arg-type]
+        heartbeat_interval=settings.heartbeat_interval,
+        gpus=gpu_indices,
+    )
+    # Not trainer.run.new_run_id: that module imports torch, and the first snapshot must not wait for it.
+    # A resumed run adopts the id stored in its checkpoint.
+    run_id = uuid.uuid4().hex[:12]
+    reporter.start(
+        payload={
+            "run_id": run_id,
+            "total_steps": settings.max_steps,
+            "rank": info.rank if info else 0,
+            "world_size": info.world_size if info else 1,
+        }
+    )
+    log.info("state starting", extra={"event": "state", "state": "starting", "config": str(args.config)})
+    notifier = Notifier()
+    run = None
+    try:
+        if alloc_error is not None:
+            raise alloc_error
+        run = _build_run(settings, info, reporter, stop, notifier, log, gpu_indices, run_id)
+        entry = resolve_entry(settings.entry)
+        entry(run)
+        run.begin_stopping()
+        run.flush()
+        distributed.barrier()  # rank 0 may still be writing the final checkpoint
+        reporter.close(State.STOPPED)
+        log.info("state stopped", extra={"event": "state", "state": "stopped", "step": run.step})
+        return 0
+    except BaseException as e:  # noqa: BLE001 - every failure must reach the status file
+        error = f"{type(e).__name__}: {e}"
+        log.error("training failed: %s", error, exc_info=True, extra={"event": "failed"})
+        if run is not None:
+            try:
+                run.flush()
+            except Exception:  # noqa: BLE001 - the status write below matters more
+                pass
+        reporter.close(State.FAILED, error)
+        log.info("state failed", extra={"event": "state", "state": "failed"})
+        return 1
+    finally:
+        notifier.stopping()
+        notifier.close()
+        distributed.shutdown()
+        if allocation is not None:
+            allocation.release()
+
+
+def _build_run(
+    settings: TrainerSettings,
+    info: distributed.DistInfo | None,
+    reporter: ProcessReporter,
+    stop: StopFlag,
+    notifier: Notifier,
+    log: logging.Logger,
+    gpu_indices: list[int],
+    run_id: str,
+):
+    """Import torch, pick the device, join torchrun's group, and assemble the `Run`."""
+    import functools
+
+    import torch
+
+    from trainer.checkpoint import CheckpointStore
+    from trainer.run import Run
+
+    torch.set_num_threads(settings.threads)
+    local_rank = info.local_rank if info else 0
+    device = torch.device(distributed.select_device(torch.cuda.is_available(), bool(gpu_indices), local_rank))
+    distributed.apply_memory_limit(device, settings.gpu_memory_fraction, settings.gpu_memory_bytes)
+    any_rank = None
+    if info is not None:
+        backend = distributed.choose_backend(settings.backend, device.type == "cuda")
+        distributed.init(info, backend, device)
+        any_rank = functools.partial(distributed.any_rank, device=device)
+    gpu_memory = (lambda: int(torch.cuda.memory_allocated(device))) if device.type == "cuda" else None
+
+    holder: dict[str, Run] = {}
+
+    def on_corrupt(path: os.PathLike, error: BaseException) -> None:
+        holder["run"].event("checkpoint_corrupt", path=str(path), error=str(error), level=logging.WARNING)
+
+    store = CheckpointStore(settings.checkpoint_dir, settings.checkpoint.keep, on_corrupt=on_corrupt)
+    if info is None or info.is_main:
+        for p in store.remove_stale_temps():
+            log.warning("removed stale checkpoint temp file %s", p, extra={"event": "checkpoint_temp_removed"})
+    run = Run(
+        settings,
+        reporter=reporter,
+        store=store,
+        stop=stop,
+        notifier=notifier,
+        device=device,
+        logger=logging.getLogger("keel.trainer"),
+        rank=info.rank if info else 0,
+        world_size=info.world_size if info else 1,
+        any_rank=any_rank,
+        gpu_memory=gpu_memory,
+        run_id=run_id,
+    )
+    holder["run"] = run
+    reporter.update_payload(device=str(device))
+    log.info("device selected", extra={"event": "device", "device": str(device), "threads": settings.threads})
+    return run
+
+
+if __name__ == "__main__":
+    sys.exit(main())
