@@ -305,6 +305,8 @@ def cross_field_errors(config: KeelConfig) -> list[tuple[PathKey, str]]:
             if port in port_owner:
                 errors.append((base + ("port",), f"port {port} is already used by processes.{port_owner[port]}"))
             port_owner.setdefault(port, name)
+        if proc.kind == "trainer" and proc.launcher == "torchrun" and isinstance(proc.gpus, str):
+            errors.append((base + ("gpus",), "torchrun needs an explicit GPU list (with auto:N every rank would pick its own GPUs)"))
         if proc.kind == "dashboard" and proc.allow_origins is None and not is_loopback(proc.address):
             errors.append((base + ("address",), f"{proc.address} is not loopback: list the allowed origins in allow_origins (host:port)"))
         if proc.limits.gpu_memory is not None and not proc.gpus:

@@ -106,9 +106,16 @@ def test_bad_duration_points_at_the_line(cfg):
         ("processes.dashboard.auth.required=true", "auth.required needs password_hash or password_file"),
         ("python=relative/python", "python must be an absolute path"),
         ("processes.trainer.health.heartbeat_interval=1m", "must be shorter than heartbeat_timeout"),
+        ("processes.trainer.launcher=torchrun", None),
     ],
 )
 def test_bad_values_get_one_clear_line(cfg, override, expected):
+    if expected is None:  # a valid override, for contrast with the next case
+        load_config("dev", cfg, [override])
+        expected, override = "torchrun needs an explicit GPU list", "processes.trainer.gpus=auto:2"
+        message = error_of(cfg, overrides=["processes.trainer.launcher=torchrun", override])
+        assert message.startswith(f"--set {override}: ") and expected in message
+        return
     message = error_of(cfg, overrides=[override])
     assert message.startswith(f"--set {override}: ")
     assert expected in message
