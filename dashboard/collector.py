@@ -39,6 +39,7 @@ GPU_COLUMNS = ("t", "util", "mem_pct", "temp", "power")
 EVENTS_KEPT = 200
 LOG_TAIL_BYTES = 64 << 10
 METRICS_PER_CYCLE = 20_000  # catch up on a long file over several cycles, not in one hung read
+STATS_EVERY_S = 30.0  # seconds between "refresh_stats" log lines (the bench reads them)
 
 
 class LogTail:
@@ -185,6 +186,11 @@ class Collector:
         self.generation = 0  # bumps after every cycle; sessions skip work when unchanged
         self._pids: dict[int, PidCheck] = {}
         self._new_errors: dict[str, str] = {}
+        self._window: list[float] = []
+        self._window_started = mono()
+        # Text the page derives from one cycle (same for every session): computed once per
+        # generation by the first session that needs it, not once per session.
+        self.derived: dict[str, Any] = {}
 
     # ------------------------------------------------------------------ loop
 
@@ -269,13 +275,27 @@ class Collector:
         self.last_refresh_wall, self.last_refresh_mono = now_wall, now_mono
         self.cycles += 1
         self.generation += 1
+        self.derived = {}
         self.cycle_seconds.append(time.perf_counter() - t0)
+        self._window.append(time.perf_counter() - t0)
+        if now_mono - self._window_started >= STATS_EVERY_S:
+            self._log_stats()
+            self._window, self._window_started = [], now_mono
         # A failure lands in self.errors (the same dict) and so on the page; a
         # reporter that could not start is retried next cycle.
         if self.reporter is None and self._reporter_factory is not None:
             await self._guard("own status", self._start_reporter)
         if self.reporter is not None:
             await self._guard("own status", self._report, now_wall, dict(self.errors))
+
+    def _log_stats(self) -> None:
+        """One line with every cycle time of the window: cheap, and enough for exact percentiles."""
+        ms = sorted(round(x * 1000, 2) for x in self._window)
+        log.info(
+            "refresh p50 %.1f ms, p95 %.1f ms over %d cycles", ms[len(ms) // 2], ms[max(0, int(len(ms) * 0.95) - 1)],
+            len(ms), extra={"event": "refresh_stats", "cycle_ms": ms, "sessions": self.sessions,
+                            "errors": len(self.errors)},
+        )
 
     def _report(self, now_wall: datetime, errors: dict[str, str]) -> bool:
         self.reporter.progress(sessions=self.sessions, last_refresh=now_wall, read_errors=errors)

@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import bisect
 import math
+from array import array
 from typing import Iterable, Mapping
 
 
@@ -22,8 +23,10 @@ class History:
             raise ValueError(f"max_points must be at least 4, got {max_points}")
         self.columns = tuple(columns)
         self.max_points = max_points
-        self._serials: list[int] = []
-        self._data: dict[str, list[float]] = {c: [] for c in self.columns}
+        # array('d'): 8 bytes a value instead of a 24-byte float object plus a pointer,
+        # which is most of the dashboard's memory with 64 streams of 2000 points.
+        self._serials = array("q")
+        self._data: dict[str, array] = {c: array("d") for c in self.columns}
         self._next = 0
         self.downsamples = 0
 
@@ -53,21 +56,20 @@ class History:
         # Thin the older half to every other point; the newest half is untouched
         # so a session streaming "after serial N" never misses a recent point.
         half = len(self._serials) // 2
-        keep = list(range(0, half, 2)) + list(range(half, len(self._serials)))
-        self._serials = [self._serials[i] for i in keep]
+        self._serials = self._serials[0:half:2] + self._serials[half:]
         for c in self.columns:
             col = self._data[c]
-            self._data[c] = [col[i] for i in keep]
+            self._data[c] = col[0:half:2] + col[half:]
         self.downsamples += 1
 
     def since(self, serial: int) -> dict[str, list[float]]:
         """Columns of the points newer than ``serial`` (all points for -1)."""
         start = bisect.bisect_right(self._serials, serial)
-        return {c: self._data[c][start:] for c in self.columns}
+        return {c: self._data[c][start:].tolist() for c in self.columns}
 
     def data(self) -> dict[str, list[float]]:
         """All retained points, as columns (copies)."""
-        return {c: list(v) for c, v in self._data.items()}
+        return {c: v.tolist() for c, v in self._data.items()}
 
     def latest(self, column: str) -> float | None:
         """The newest non-NaN value of ``column``, or None."""

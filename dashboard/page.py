@@ -14,7 +14,7 @@ from typing import Any
 
 from bokeh.document import Document
 from bokeh.layouts import column, row
-from bokeh.models import ColumnDataSource, DataTable, Div, HTMLTemplateFormatter, TableColumn
+from bokeh.models import ColumnDataSource, CustomJS, DataTable, Div, HTMLTemplateFormatter, TableColumn
 from bokeh.palettes import Category10_10
 from bokeh.plotting import figure
 
@@ -23,7 +23,7 @@ from keel.statusfile import ReadError, Stale
 
 from dashboard.collector import Collector
 from dashboard.present import (
-    BAD, DEFAULT_HEARTBEAT_TIMEOUT, GREY, OK, WARN, badge, esc, fmt_age, training_summary,
+    BAD, DEFAULT_HEARTBEAT_TIMEOUT, GREY, OK, ROW_COLUMNS, WARN, badge, esc, fmt_age, training_summary,
 )
 
 log = logging.getLogger("dashboard.page")
@@ -36,6 +36,10 @@ _TABLE_FIELDS = (
     ("heartbeat", "heartbeat age", 90), ("progress", "progress age", 90), ("note", "note", 330),
 )
 _OVERALL_LEVEL = {"ok": OK, "degraded": WARN, "failing": BAD}
+# Lines per plot. Every stream is read and listed in the table, but 64 torchrun ranks
+# drawn as 64 lines are unreadable, and each line costs every session a model and a
+# websocket message per refresh. The first ones by name (rank 0 first) are drawn.
+MAX_PLOTTED = 8
 
 
 def _fig(title: str, x_label: str, *, datetime_x: bool = False, name: str) -> Any:
@@ -55,8 +59,8 @@ class SessionView:
         self.c = collector
         cfg = collector.cfg
         self.rollover = cfg.history_points
-        self.header = Div(name="header", sizing_mode="stretch_width")
-        self.errors = Div(name="errors", sizing_mode="stretch_width")
+        self.header = Div(name="header", css_classes=["keel-header"], sizing_mode="stretch_width")
+        self.errors = Div(name="errors", css_classes=["keel-errors"], sizing_mode="stretch_width")
         self.table_source = ColumnDataSource(dict(collector.rows) or _empty_rows(), name="processes")
         cols = [
             TableColumn(field=f, title=t, width=w,
@@ -66,16 +70,20 @@ class SessionView:
         self.table = DataTable(source=self.table_source, columns=cols, name="process_table", index_position=None,
                                height=60 + 28 * max(3, len(self.table_source.data["name"])),
                                sizing_mode="stretch_width", row_height=26)
-        self.training = Div(name="training", sizing_mode="stretch_width")
+        # BokehJS's DataTable redraws on a new data dict but not on a same-length patch
+        # (its CDSView indices do not change); poke the view so patched cells repaint.
+        self.table_source.js_on_change("patching", CustomJS(args={"table": self.table},
+                                                            code="table.view.change.emit()"))
+        self.training = Div(name="training", css_classes=["keel-training"], sizing_mode="stretch_width")
         self.loss = _fig("loss (line) and validation loss (dots)", "step", name="loss_plot")
         self.speed = _fig("throughput (samples/s)", "step", name="throughput_plot")
         self.lr = _fig("learning rate", "step", name="lr_plot")
         self.cpu = _fig("CPU % (host and processes)", "time", datetime_x=True, name="cpu_plot")
         self.ram = _fig("RSS MiB per process; host RAM % (dashed)", "time", datetime_x=True, name="ram_plot")
         self.gpu = _fig("GPU utilization % (line), memory % (dashed)", "time", datetime_x=True, name="gpu_plot")
-        self.gpu_note = Div(name="gpu_note", sizing_mode="stretch_width")
-        self.events = Div(name="events", sizing_mode="stretch_width")
-        self.logs = Div(name="logs", sizing_mode="stretch_width")
+        self.gpu_note = Div(name="gpu_note", css_classes=["keel-gpu-note"], sizing_mode="stretch_width")
+        self.events = Div(name="events", css_classes=["keel-events"], sizing_mode="stretch_width")
+        self.logs = Div(name="logs", css_classes=["keel-logs"], sizing_mode="stretch_width")
         self.update_error = Div(name="update_error", visible=False)
         self.metric_sources: dict[str, ColumnDataSource] = {}
         self.proc_sources: dict[str, ColumnDataSource] = {}
@@ -160,22 +168,31 @@ class SessionView:
             self.update_error.text = badge(f"page update failed: {type(exc).__name__}: {exc}", BAD)
             self.update_error.visible = True
 
+    def _connected(self) -> bool:
+        """False once the browser's websocket is gone: Bokeh keeps the session a while, but
+        sending to it only fails (and logs) once per change. Bare Documents (tests) count as connected."""
+        ctx = self.doc.session_context
+        session = getattr(ctx, "session", None) if ctx is not None else None
+        return session is None or session.connection_count > 0
+
     def _update(self) -> None:
         c = self.c
+        if not self._connected():
+            return  # the doc stays consistent: the next update sends everything since the last one
         self._set(self.header, self._header_html())
         if c.generation == self._generation:
             return
         self._generation = c.generation
-        self._set(self.errors, "".join(
+        self._set(self.errors, self._derived("errors", lambda: "".join(
             f"<div>{badge('error', BAD)} <b>{esc(k)}</b>: {esc(v)}</div>" for k, v in sorted(c.errors.items())
-        ))
+        )))
         self._update_table(c.rows)
-        self._set(self.training, self._training_html())
-        for name, hist in list(c.metrics.items()):
-            self._stream(f"metrics:{name}", self._metric_source(name), hist)
+        self._set(self.training, self._derived("training", self._training_html))
+        for name in sorted(c.metrics)[:MAX_PLOTTED]:
+            self._stream(f"metrics:{name}", self._metric_source(name), c.metrics[name])
         self._stream("host", self.host_source, c.host)
-        for name, hist in list(c.procs.items()):
-            self._stream(f"proc:{name}", self._proc_source(name), hist)
+        for name in self._plotted_procs():
+            self._stream(f"proc:{name}", self._proc_source(name), c.procs[name])
         for index, hist in list(c.gpus.items()):
             self._stream(f"gpu:{index}", self._gpu_source(index), hist)
         no_gpu = not c.gpus
@@ -188,9 +205,22 @@ class SessionView:
             self._event_lines = (self._event_lines + [line for _, line in new_events])[-50:]
         self._set(self.events, _pre(list(reversed(self._event_lines))) if self._event_lines
                   else f"<i style='color:{GREY}'>no watchdog events yet</i>")
-        self._set(self.logs, "".join(
+        self._set(self.logs, self._derived("logs", lambda: "".join(
             f"<div><b>{esc(name)}</b>{_pre(lines)}</div>" for name, lines in sorted(c.logs.items())
-        ) or f"<i style='color:{GREY}'>no log files configured (no stack file?)</i>")
+        ) or f"<i style='color:{GREY}'>no log files configured (no stack file?)</i>"))
+
+    def _derived(self, key: str, make: Any) -> str:
+        """Text shared by all sessions for this collector generation."""
+        value = self.c.derived.get(key)
+        if value is None:
+            value = self.c.derived[key] = make()
+        return value
+
+    def _plotted_procs(self) -> list[str]:
+        """The stack's processes first (in keel.json order), then others, at most MAX_PLOTTED."""
+        order = [n for p in self.c.cfg.processes for n in p.status_names]
+        rank = {n: i for i, n in enumerate(order)}
+        return sorted(self.c.procs, key=lambda n: (rank.get(n, len(rank)), n))[:MAX_PLOTTED]
 
     def _update_table(self, rows: dict[str, list]) -> None:
         if not rows:
@@ -234,7 +264,11 @@ class SessionView:
             return f"<i style='color:{GREY}'>no trainer status yet</i>"
         timeouts = {n: p.heartbeat_timeout for p in c.cfg.processes for n in p.status_names}
         now = c.last_refresh_mono or 0.0
-        return "".join(
+        more = ""
+        if len(c.metrics) > MAX_PLOTTED:
+            more = (f"<div style='color:{GREY}'>plots show {MAX_PLOTTED} of {len(c.metrics)} metric streams "
+                    f"({esc(', '.join(sorted(c.metrics)[:MAX_PLOTTED]))}); the table lists every process</div>")
+        return more + "".join(
             f"<div><b>{esc(n)}</b>: "
             f"{training_summary(c.statuses.get(n), now, timeouts.get(n) or DEFAULT_HEARTBEAT_TIMEOUT)}</div>"
             for n in names
@@ -257,8 +291,6 @@ def _pre(lines: list[str]) -> str:
 
 
 def _empty_rows() -> dict[str, list]:
-    from dashboard.present import ROW_COLUMNS
-
     return {c: [] for c in ROW_COLUMNS}
 
 
@@ -274,8 +306,8 @@ def make_doc(doc: Document, collector: Collector) -> SessionView:
         collector.sessions = max(0, collector.sessions - 1)
         try:
             doc.remove_periodic_callback(callback)
-        except ValueError:
-            pass  # already gone with the session
+        except Exception:  # noqa: BLE001 - Bokeh may have torn the document down already
+            pass
 
     doc.on_session_destroyed(_destroyed)
     return view

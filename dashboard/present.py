@@ -157,8 +157,9 @@ def process_rows(
             status = result.status
         if status is None:
             err = result if isinstance(result, ReadError) else None
-            label = error_label(err) if err else "missing"
-            detail = err.detail if err else "no status file yet"
+            # ReadError is falsy by design ("no status"), so compare with None
+            label = error_label(err) if err is not None else "missing"
+            detail = err.detail if err is not None else "no status file yet"
             v = Verdict(label, BAD if label != "missing" else WARN, detail)
             _add_row(cols, sname, kind, label, DASH, DASH, restarts.get(sname), v, DASH, DASH, detail, GREY)
             verdicts.append(v)

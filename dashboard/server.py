@@ -14,11 +14,14 @@ import os
 import secrets
 import signal
 import sys
+import threading
 from typing import Any, Callable
 
 from bokeh.application import Application
 from bokeh.application.handlers.function import FunctionHandler
 from bokeh.application.handlers.lifecycle import LifecycleHandler
+from bokeh.core.validation import silence
+from bokeh.core.validation.warnings import MISSING_RENDERERS
 from bokeh.server.server import Server
 
 from keel.logs import setup_logging
@@ -30,6 +33,7 @@ from dashboard.config import ConfigError, DashboardConfig, check_bind, is_loopba
 from dashboard.page import make_doc
 
 log = logging.getLogger("dashboard.server")
+SHUTDOWN_DEADLINE = 10.0  # seconds; supervisord's stopwaitsecs should be longer
 
 
 class CollectorHooks(LifecycleHandler):
@@ -76,19 +80,35 @@ def build_server(cfg: DashboardConfig, collector: Collector, auth: PasswordAuth 
 
 
 def close_sessions(server: Server) -> int:
-    """Destroy every session (runs on_session_destroyed) and close its websockets; returns how many."""
+    """Close every session's websocket with 1001 (going away); returns how many sessions.
+
+    The Documents are not destroyed one by one: Bokeh runs a full gc.collect() per
+    destroyed Document, which only delays an exit that frees everything anyway.
+    """
     sessions = server.get_sessions()
     for session in sessions:
         # Bokeh has no public "close this connection"; the ws handler's close() is
-        # the clean way to send the browser a 1001 (going away) frame.
+        # the clean way to tell the browser.
         for conn in list(getattr(session, "_subscribed_connections", ())):
             try:
                 conn._socket.close(1001, "dashboard stopping")
             except Exception:  # noqa: BLE001 - best effort; the process exits next
                 pass
-        if not session.destroyed:
-            session.destroy()
     return len(sessions)
+
+
+def arm_exit_deadline(seconds: float) -> threading.Timer:
+    """After SIGTERM, exit within ``seconds`` even if some cleanup step hangs."""
+
+    def force() -> None:
+        log.error("clean shutdown took more than %gs; exiting now", seconds, extra={"event": "forced_exit"})
+        logging.shutdown()
+        os._exit(0)
+
+    timer = threading.Timer(seconds, force)
+    timer.daemon = True
+    timer.start()
+    return timer
 
 
 async def serve(cfg: DashboardConfig, auth: PasswordAuth | None, *, ready: Callable[[str], None] | None = None) -> int:
@@ -111,11 +131,13 @@ async def serve(cfg: DashboardConfig, auth: PasswordAuth | None, *, ready: Calla
         ready(url)
     await stop.wait()
     log.info("stopping", extra={"event": "stopping"})
+    deadline = arm_exit_deadline(SHUTDOWN_DEADLINE)
     server.unlisten()
     n = close_sessions(server)
     server.stop(wait=False)
     await collector.stop()
     log.info("stopped; closed %d session(s)", n, extra={"event": "stopped"})
+    deadline.cancel()
     if collector.runner.busy():
         # A read is stuck in the kernel (hung NFS?); its thread would block interpreter exit.
         log.warning("exiting with stuck reads: %s", collector.runner.busy())
@@ -143,6 +165,14 @@ def main(argv: list[str] | None = None) -> int:
         print(f"dashboard: {exc}", file=sys.stderr)
         return 2
     setup_logging(cfg.name, fmt=cfg.log_format, level=cfg.log_level)  # type: ignore[arg-type]
+    # Bokeh installs its own stderr handler when imported before logging is set up;
+    # route its records through ours so supervisord's log stays one JSON line each.
+    bokeh_log = logging.getLogger("bokeh")
+    for handler in list(bokeh_log.handlers):
+        bokeh_log.removeHandler(handler)
+    bokeh_log.propagate = True
+    # Plots get their lines when the first series arrives; an empty plot is expected.
+    silence(MISSING_RENDERERS, True)
     try:
         return asyncio.run(serve(cfg, auth))
     except OSError as exc:  # the port is taken, the address is not ours

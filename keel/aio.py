@@ -22,7 +22,7 @@ import asyncio
 import concurrent.futures
 import logging
 import time
-from typing import Any, Awaitable, Callable, Coroutine, TypeVar
+from typing import Any, Callable, Coroutine, TypeVar
 
 log = logging.getLogger("keel.aio")
 T = TypeVar("T")
@@ -178,16 +178,3 @@ async def sleep_until_or_stop(stop: asyncio.Event, delay: float) -> bool:
         return True
     except (TimeoutError, asyncio.TimeoutError):
         return False
-
-
-def run_callback_safely(fn: Callable[[], Awaitable[None] | None], what: str) -> Callable[[], Any]:
-    """Wrap a loop callback so an exception is logged instead of escaping into the loop."""
-
-    def wrapper() -> Any:
-        try:
-            return fn()
-        except Exception:
-            log.exception("%s failed", what, extra={"event": "callback_error"})
-            return None
-
-    return wrapper

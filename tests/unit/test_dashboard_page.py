@@ -1,0 +1,242 @@
+"""make_doc on a bare Document over a real fixture run dir, the collector's failure paths, imports."""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import os
+import subprocess
+import threading
+import time
+from pathlib import Path
+
+import pytest
+from bokeh.document import Document
+from bokeh.document.events import ColumnDataChangedEvent, ColumnsPatchedEvent, ColumnsStreamedEvent
+
+from keel.models import State
+from keel.reporter import ProcessReporter
+from keel.statusfile import JsonlWriter
+
+from dashboard.collector import Collector, RunDirReader
+from dashboard.config import ProcessInfo, parse_config
+from dashboard.page import make_doc
+from tests.support import PYTHON, REPO_ROOT
+
+
+def make_cfg(tmp_path: Path, history_points: int = 500, refresh: float = 0.3):
+    run, logs = tmp_path / "run", tmp_path / "log"
+    run.mkdir(exist_ok=True)
+    logs.mkdir(exist_ok=True)
+    cfg = parse_config({"project": "keel", "environment": "unit", "name": "dashboard",
+                        "paths": {"run_dir": str(run), "log_dir": str(logs)},
+                        "dashboard": {"refresh": refresh, "history_points": history_points, "log_tail_lines": 3}})
+    from dataclasses import replace
+    procs = (ProcessInfo("trainer", "trainer", ("trainer",), str(logs / "trainer.log"), 10.0, 20.0, 30.0),
+             ProcessInfo("watchdog", "watchdog", ("watchdog",), str(logs / "watchdog.log"), 10.0, None, None))
+    return replace(cfg, processes=procs)
+
+
+@pytest.fixture
+def run_dir(tmp_path):
+    """A trainer that reported 30 steps, a corrupt status, a restart event and a log file."""
+    cfg = make_cfg(tmp_path)
+    rep = ProcessReporter(cfg.run_dir, "trainer", "trainer", heartbeat_interval=60)
+    rep.start({"run_id": "unit"})
+    rep.set_state(State.RUNNING)
+    rep.metrics([{"step": i, "loss": 1 / i, "lr": 0.01, "samples_per_s": 100.0} for i in range(1, 31)])
+    rep.progress(step=30, loss=1 / 30)
+    (tmp_path / "run" / "ghost.status.json").write_text("{broken")
+    with JsonlWriter(tmp_path / "run" / "watchdog.events.jsonl") as ev:
+        ev.append({"ts": "2026-01-01T12:00:00Z", "level": "warning", "action": "restart", "process": "trainer",
+                   "reason": "heartbeat stale"})
+    (tmp_path / "log" / "trainer.log").write_text(
+        "".join(json.dumps({"ts": "2026-01-01T12:00:0%d" % i, "level": "info", "message": f"line {i}"}) + "\n"
+                for i in range(5)))
+    yield cfg, rep
+    rep.close()
+
+
+def cycle(collector: Collector) -> None:
+    asyncio.run(collector.cycle())
+
+
+def test_make_doc_on_a_bare_document_shows_everything(run_dir):
+    cfg, _ = run_dir
+    c = Collector(cfg)
+    cycle(c)
+    doc = Document()
+    view = make_doc(doc, c)
+    assert doc.roots and c.sessions == 1
+    rows = dict(zip(view.table_source.data["name"], view.table_source.data["health"]))
+    assert rows == {"trainer": "ok", "watchdog": "missing", "ghost": "corrupt"}
+    assert view.table_source.data["restarts"][0] == "1"
+    src = doc.get_model_by_name("metrics:trainer")
+    assert src.data["step"] == [float(i) for i in range(1, 31)]
+    assert "keel" in view.header.text and "unit" in view.header.text and "failing" in view.header.text
+    assert "status ghost" in view.errors.text and "corrupt" in view.errors.text
+    assert "no GPU" in view.gpu_note.text and view.gpu.visible is False
+    assert "restart trainer heartbeat stale" in view.events.text
+    assert "line 4" in view.logs.text and "line 1" not in view.logs.text  # tail of 3
+    assert "no log file" in view.logs.text  # watchdog's log does not exist: said, not blank
+    assert "step <b>30" in view.training.text
+    c.runner.close()
+
+
+def test_sessions_get_only_new_points_by_stream_and_table_cells_by_patch(run_dir):
+    cfg, rep = run_dir
+    c = Collector(cfg)
+    cycle(c)
+    doc = Document()
+    view = make_doc(doc, c)
+    events = []
+    doc.on_change(lambda e: events.append(e))
+    rep.metrics([{"step": i, "loss": 1 / i} for i in range(31, 36)])
+    rep.progress(step=35)
+    time.sleep(0.05)
+    cycle(c)
+    view.update()
+    src = doc.get_model_by_name("metrics:trainer")
+    streamed = [e for e in events if isinstance(e, ColumnsStreamedEvent) and e.model is src]
+    assert len(streamed) == 1 and streamed[0].data["step"] == [31.0, 32.0, 33.0, 34.0, 35.0]
+    assert not [e for e in events if isinstance(e, ColumnDataChangedEvent) and e.model is src]
+    assert len(src.data["step"]) == 35
+    assert any(isinstance(e, ColumnsPatchedEvent) and e.model is view.table_source for e in events)
+    # nothing new: nothing sent
+    events.clear()
+    view.update()
+    assert not [e for e in events if isinstance(e, (ColumnsStreamedEvent, ColumnDataChangedEvent))]
+    # session end
+    for cb in list(doc.session_destroyed_callbacks):
+        cb(None)
+    assert c.sessions == 0
+    c.runner.close()
+
+
+def test_rollover_bounds_a_session_and_new_sessions_get_the_downsampled_history(tmp_path):
+    cfg = make_cfg(tmp_path, history_points=20)
+    rep = ProcessReporter(cfg.run_dir, "trainer", "trainer", heartbeat_interval=60)
+    rep.start({"run_id": "unit"})
+    c = Collector(cfg)
+    cycle(c)
+    doc = Document()
+    view = make_doc(doc, c)
+    for chunk in range(5):
+        rep.metrics([{"step": chunk * 10 + i, "loss": 1.0} for i in range(10)])
+        cycle(c)
+        view.update()
+    assert len(doc.get_model_by_name("metrics:trainer").data["step"]) == 20  # rollover
+    fresh = Document()
+    make_doc(fresh, c)
+    steps = fresh.get_model_by_name("metrics:trainer").data["step"]
+    assert len(steps) <= 20 and steps[-1] == 49.0 and steps[0] < 30
+    rep.close()
+    c.runner.close()
+
+
+class FlakyReader(RunDirReader):
+    """The real reader, with one chosen operation made to hang or fail."""
+
+    def __init__(self, cfg, hang: threading.Event | None = None, fail_scan: bool = False):
+        super().__init__(cfg)
+        self.hang = hang
+        self.fail_scan = fail_scan
+
+    def sample(self, pids):
+        if self.hang is not None and not self.hang.is_set():
+            self.hang.wait(10)
+        return super().sample(pids)
+
+    def scan(self):
+        if self.fail_scan:
+            raise OSError(5, "Input/output error")
+        return super().scan()
+
+
+def test_a_hung_read_is_an_error_on_the_page_and_the_rest_keeps_updating(run_dir):
+    cfg, rep = run_dir
+    release = threading.Event()
+    c = Collector(cfg, reader=FlakyReader(cfg, hang=release))  # read_timeout: 1s
+    doc = Document()
+    view = make_doc(doc, c)
+    t0 = time.monotonic()
+    cycle(c)
+    assert time.monotonic() - t0 < 3
+    assert "no answer after 1s" in c.errors["resources"]
+    rep.progress(step=99)
+    time.sleep(0.05)
+    cycle(c)  # the stuck sampler is not started again; statuses still move
+    assert "still busy" in c.errors["resources"]
+    view.update()
+    assert "resources" in view.errors.text and "still busy" in view.errors.text
+    assert "step <b>99" in view.training.text
+    assert "degraded" in view.header.text or "failing" in view.header.text
+    release.set()
+    time.sleep(0.2)
+    cycle(c)
+    assert "resources" not in c.errors
+    c.runner.close()
+
+
+def test_a_failing_scan_keeps_the_last_statuses_and_says_so(run_dir):
+    cfg, _ = run_dir
+    reader = FlakyReader(cfg)
+    c = Collector(cfg, reader=reader)
+    cycle(c)
+    assert c.rows["name"][0] == "trainer"
+    reader.fail_scan = True
+    cycle(c)
+    assert "Input/output error" in c.errors["status scan"]
+    assert c.rows["name"][0] == "trainer" and c.cycles == 2
+    c.runner.close()
+
+
+def test_collector_loop_never_stops_and_writes_its_own_status(run_dir, tmp_path):
+    cfg, _ = run_dir
+    made = []
+
+    def factory():
+        r = ProcessReporter(cfg.run_dir, "dashboard", "dashboard", heartbeat_interval=60)
+        made.append(r)
+        return r
+
+    async def main():
+        c = Collector(cfg, reader=FlakyReader(cfg, fail_scan=True), reporter_factory=factory)
+        c.start()
+        for _ in range(100):
+            await asyncio.sleep(0.05)
+            if c.cycles >= 3:
+                break
+        await c.stop()
+        return c
+
+    c = asyncio.run(main())
+    assert c.cycles >= 3 and "status scan" in c.errors
+    st = json.loads((tmp_path / "run" / "dashboard.status.json").read_text())
+    assert st["state"] == "stopped" and st["kind"] == "dashboard"
+    assert "status scan" in st["payload"]["read_errors"]
+    assert st["payload"]["last_refresh"] is not None
+
+
+def test_dashboard_modules_never_import_torch_or_trainer(tmp_path):
+    cfg_path = tmp_path / "dashboard.json"
+    (tmp_path / "run").mkdir()
+    cfg_path.write_text(json.dumps({"paths": {"run_dir": str(tmp_path / "run")}, "dashboard": {}}))
+    code = f"""
+import asyncio, json, sys
+import dashboard.server, dashboard.page, dashboard.collector, dashboard.auth, dashboard.history
+from bokeh.document import Document
+from dashboard.config import load_config
+from dashboard.collector import Collector
+from dashboard.page import make_doc
+c = Collector(load_config({str(cfg_path)!r}))
+asyncio.run(c.cycle())
+make_doc(Document(), c)
+print(json.dumps(sorted(sys.modules)))
+"""
+    env = dict(os.environ, PYTHONPATH=str(REPO_ROOT), CUDA_VISIBLE_DEVICES="")
+    out = subprocess.run([PYTHON, "-c", code], capture_output=True, text=True, cwd=REPO_ROOT, env=env, timeout=120)
+    assert out.returncode == 0, out.stderr
+    mods = json.loads(out.stdout.strip().splitlines()[-1])
+    assert "bokeh" in mods and "keel.resources" in mods  # the control: we did load the app
+    assert not [m for m in mods if m == "torch" or m.startswith(("torch.", "trainer"))]

@@ -1,0 +1,134 @@
+"""dashboard.present: rows, verdicts and labels; every typed read error renders as itself."""
+
+from __future__ import annotations
+
+from datetime import datetime, timedelta, timezone
+
+import pytest
+
+from keel.models import ProcessStatus, State, TrainingStatus
+from keel.statusfile import Corrupt, Missing, Stale, TooLarge, Unreadable, UnknownVersion
+
+from dashboard.config import ProcessInfo
+from dashboard.present import (
+    BAD, GREY, OK, WARN, PidCheck, event_line, fmt_age, fmt_num, is_restart, judge, overall,
+    process_rows, training_summary,
+)
+
+NOW_WALL = datetime(2026, 1, 1, 12, 0, 0, tzinfo=timezone.utc)
+NOW = 1000.0
+TRAINER = ProcessInfo("trainer", "trainer", ("trainer",), None, heartbeat_timeout=10.0,
+                      progress_timeout=20.0, startup_grace=30.0)
+
+
+def status(state=State.RUNNING, hb_age=1.0, progress_age=1.0, kind="trainer", name="trainer", host="h",
+           started_ago=100.0, **payload) -> ProcessStatus:
+    return ProcessStatus(
+        name=name, kind=kind, host=host, pid=4242, pid_start_time=123.0, state=state,
+        started_at=NOW_WALL - timedelta(seconds=started_ago),
+        heartbeat_wall=NOW_WALL, heartbeat_mono=NOW - hb_age,
+        progress_wall=NOW_WALL if progress_age is not None else None,
+        progress_mono=NOW - progress_age if progress_age is not None else None,
+        payload=TrainingStatus(run_id="r", step=7, loss=0.5, **payload) if kind == "trainer" else None,
+    )
+
+
+def rows_for(result, **kw):
+    cols, verdicts = process_rows([TRAINER], {"trainer": result} if result is not None else {}, NOW, NOW_WALL,
+                                  host="h", **kw)
+    return {k: v[0] for k, v in cols.items()}, verdicts[0]
+
+
+@pytest.mark.parametrize("err, label, level", [
+    (None, "missing", WARN),
+    (Missing("/r/trainer.status.json", "no such file"), "missing", WARN),
+    (Corrupt("/r/trainer.status.json", "not JSON: EOF"), "corrupt", BAD),
+    (TooLarge("/r/trainer.status.json", "2000000 bytes > cap", 2_000_000), "too large", BAD),
+    (UnknownVersion("/r/trainer.status.json", "unknown schema_version 2", 2), "unknown version", BAD),
+    (Unreadable("/r/trainer.status.json", "is a symlink; refusing to follow it"), "unreadable", BAD),
+])
+def test_every_read_error_is_a_greyed_row_with_its_name_and_detail(err, label, level):
+    row, v = rows_for(err)
+    assert row["state"] == label and row["health"] == label and v.level == level
+    assert row["pid"] == row["heartbeat"] == row["uptime"] == "—"  # never a number we do not have
+    assert row["color"] == GREY
+    assert row["note"] == (err.detail if err is not None else "no status file yet")
+    html = training_summary(err, NOW, 10.0)
+    assert label in html and "step" not in html
+
+
+def test_stale_read_error_keeps_values_but_greys_them_and_says_why():
+    st = status(hb_age=60.0, progress_age=60.0)
+    row, v = rows_for(Stale("/r/trainer.status.json", "heartbeat 60s old", 60.0, st))
+    assert v.label == "stale" and v.level == BAD and row["color"] == GREY
+    assert row["pid"] == "4242" and row["heartbeat"] == "1m00s"
+    html = training_summary(Stale("/r/x", "old", 60.0, st), NOW, 10.0)
+    assert "step <b>7" in html and "as of 1m00s ago" in html and GREY in html
+
+
+def test_running_and_fresh_is_ok_and_current():
+    row, v = rows_for(status())
+    assert (v.label, v.level, row["state"], row["color"]) == ("ok", OK, "running", "#212121")
+    assert row["uptime"] == "1m40s" and row["progress"] == "1.0s"
+    html = training_summary(status(), NOW, 10.0)
+    assert "as of" not in html and "loss <b>0.5" in html
+
+
+@pytest.mark.parametrize("kw, label", [
+    (dict(hb_age=11.0), "stale"),
+    (dict(progress_age=25.0), "hung"),
+    (dict(progress_age=None, started_ago=100.0), "no progress"),
+    (dict(progress_age=None, started_ago=10.0), "ok"),  # still in startup grace
+    (dict(state=State.FAILED), "failed"),
+    (dict(state=State.STOPPED), "stopped"),
+    (dict(state=State.STARTING, progress_age=None, started_ago=1.0), "starting"),
+])
+def test_verdicts_from_ages_and_state(kw, label):
+    assert judge(status(**kw), TRAINER, NOW, NOW_WALL).label == label
+
+
+def test_dead_and_reused_pids_are_caught():
+    assert judge(status(), TRAINER, NOW, NOW_WALL, PidCheck(False, None)).label == "dead"
+    reused = judge(status(), TRAINER, NOW, NOW_WALL, PidCheck(True, 999.0))
+    assert reused.label == "dead" and "reused" in reused.note
+    assert judge(status(), TRAINER, NOW, NOW_WALL, PidCheck(True, 123.2)).label == "ok"
+
+
+def test_status_from_another_host_has_no_ages():
+    row, v = rows_for(status(host="elsewhere"))
+    assert v.label == "other host" and row["heartbeat"] == "—" and row["color"] == GREY
+
+
+def test_rows_follow_stack_order_then_extra_files_and_restarts_come_from_events():
+    cols, _ = process_rows([TRAINER], {"zeta": status(name="zeta", kind="command"), "trainer": status()},
+                           NOW, NOW_WALL, restarts={"trainer": 2}, host="h")
+    assert cols["name"] == ["trainer", "zeta"] and cols["restarts"] == ["2", "—"]
+    assert is_restart({"action": "restart", "process": "trainer"}) == "trainer"
+    assert is_restart({"action": "alert", "process": "trainer"}) is None
+
+
+def test_overall():
+    assert overall([], {}).label == "no processes"
+    _, ok = rows_for(status())
+    _, bad = rows_for(Corrupt("/x", "bad"))
+    assert overall([ok], {}).label == "ok"
+    assert overall([ok], {"resources": "timed out"}).label == "degraded"
+    o = overall([ok, bad], {})
+    assert o.label == "failing" and "corrupt" in o.note
+
+
+def test_html_from_the_run_dir_is_escaped():
+    row, _ = rows_for(Corrupt("/x", "<script>alert(1)</script>"))
+    assert row["note"] == "<script>alert(1)</script>"  # the table formatter escapes (<%- %>)
+    html = training_summary(Corrupt("/x", "<script>alert(1)</script>"), NOW, 10.0)
+    assert "<script>" not in html and "&lt;script&gt;" in html
+
+
+def test_formatting():
+    assert [fmt_age(x) for x in (None, 0.42, 12.4, 185, 7260, 3 * 86400 + 4 * 3600)] == \
+        ["—", "0.4s", "12s", "3m05s", "2h01m", "3d04h"]
+    assert fmt_num(None) == "—" and fmt_num(float("nan")) == "NaN" and fmt_num(float("inf")) == "inf"
+    assert fmt_num(0.000123456) == "0.0001235"
+    line = event_line({"ts": "2026-01-01T12:00:01Z", "level": "warning", "action": "restart",
+                       "process": "trainer", "reason": "heartbeat stale"})
+    assert line == "12:00:01 warning restart trainer heartbeat stale"
