@@ -55,10 +55,9 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def _config_dir(args: argparse.Namespace) -> Path:
-    if args.config_dir is not None:
-        return args.config_dir
-    local = Path("configs")
-    return local if (local / "base.yaml").is_file() else CODE_DIR / "configs"
+    """--config-dir, else the checkout's own configs/ (not the working directory's: running
+    /srv/keel/current/bin/render-config from elsewhere must not pick up a stray configs/)."""
+    return args.config_dir if args.config_dir is not None else CODE_DIR / "configs"
 
 
 def _sources(loaded: LoadedConfig) -> tuple[str, ...]:

@@ -101,6 +101,8 @@ def main(argv: list[str] | None = None) -> int:
                       + ("healthy" if healthy else "NOT healthy"))
                 print(table(views, colour), flush=True)
             if not args.watch:
+                if views and all(v.state == "UNKNOWN" for v in views):
+                    return 2  # the backend itself cannot be reached
                 return 0 if healthy else 1
             time.sleep(args.interval)
     except KeyboardInterrupt:
