@@ -193,13 +193,20 @@ def test_sigstopped_trainer_is_restarted_by_the_watchdog(stack):
 
 def test_sigkilled_dashboard_does_not_slow_the_trainer(stack):
     wait_until(stack.healthy, 60, what="stack healthy")
+    trainer_pid = stack.proc("trainer")["pid"]
     baseline = steps_per_second(stack, 4)
     pid = stack.proc("dashboard")["pid"]
     os.kill(pid, signal.SIGKILL)
     during = steps_per_second(stack, 4)
     wait_until(lambda: (p := stack.proc("dashboard"))["pid"] not in (None, pid) and p["health"] == "ok", 60,
                what="dashboard back")
-    assert during >= 0.8 * baseline, f"trainer slowed from {baseline:.1f} to {during:.1f} steps/s"
+    after = steps_per_second(stack, 4)
+    assert stack.proc("trainer")["pid"] == trainer_pid, "the trainer was restarted"
+    # While supervisord restarts the dashboard, its start-up (Python + Bokeh imports, about one
+    # CPU-second) competes with the trainer for this 2-core machine's CPUs: a dip there is CPU
+    # contention, not coupling. Coupling would show as a stall (no steps) or a lasting drop.
+    assert during >= 0.5 * baseline, f"trainer stalled: {baseline:.1f} -> {during:.1f} steps/s while the dashboard died"
+    assert after >= 0.8 * baseline, f"trainer slowed from {baseline:.1f} to {after:.1f} steps/s after the dashboard came back"
     with urllib.request.urlopen(f"http://127.0.0.1:{stack.port}/", timeout=10) as response:
         assert response.status == 200
 
