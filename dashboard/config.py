@@ -7,12 +7,13 @@ it the process table lists whatever status files the run dir holds.
 
 from __future__ import annotations
 
-import ipaddress
 import json
 import os
 from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any
+
+from keel.resolve import is_loopback  # one definition of "loopback" for render-config and the dashboard
 
 
 class ConfigError(ValueError):
@@ -173,16 +174,6 @@ def load_config(path: str | os.PathLike) -> DashboardConfig:
             raise ConfigError(f"{cfg.stack}: unreadable stack file: {exc}") from None
         cfg = replace(cfg, processes=parse_stack(stack))
     return cfg
-
-
-def is_loopback(address: str) -> bool:
-    """True for 127.0.0.0/8, ::1 and "localhost"; an empty address means all interfaces."""
-    if address == "localhost":
-        return True
-    try:
-        return ipaddress.ip_address(address).is_loopback
-    except ValueError:
-        return False  # a host name: it may resolve to a public interface
 
 
 def check_bind(cfg: DashboardConfig) -> None:

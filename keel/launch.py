@@ -264,7 +264,7 @@ def _up_include(stack: dict[str, Any], args: argparse.Namespace) -> int:
 
 
 def _up_systemd(stack: dict[str, Any], args: argparse.Namespace) -> int:
-    from keel.writer import atomic_write_text
+    from keel.atomic import atomic_write_text
 
     unit_dir = Path(stack["control"]["unit_dir"])
     build_units = Path(stack["paths"]["build_dir"]) / "systemd"

@@ -156,7 +156,7 @@ def main(argv: list[str] | None = None) -> int:
     args = parser.parse_args(argv)
     wanted = {SCHEMA_PATH: schema_text(), REFERENCE_PATH: reference_text()}
     if args.write:
-        from keel.writer import atomic_write_text
+        from keel.atomic import atomic_write_text
 
         for path, text in wanted.items():
             path.parent.mkdir(parents=True, exist_ok=True)

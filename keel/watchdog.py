@@ -39,6 +39,7 @@ from pathlib import Path
 from typing import Any, Callable
 
 from keel.alerts import AlertHook, AlertResult
+from keel.atomic import atomic_write_text
 from keel.budget import BudgetSettings, Decision, RestartBudget
 from keel.control import ControlBackend, ControlError, ProcessInfo, backend_for, retrying
 from keel.health import Context, HealthVerdict, Identity, Level, evaluate, identity, worst
@@ -126,19 +127,8 @@ def boot_id() -> str:
 
 
 def atomic_write_json(path: Path, data: dict) -> None:
-    """Temp file in the same dir (O_EXCL|O_NOFOLLOW, 0640), then os.replace: readers never see half a file."""
-    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
-    fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW | os.O_CLOEXEC, 0o640)
-    try:
-        with os.fdopen(fd, "wb") as f:
-            f.write(json.dumps(data, sort_keys=True).encode())
-        os.replace(tmp, path)
-    except BaseException:
-        try:
-            os.unlink(tmp)
-        except FileNotFoundError:
-            pass
-        raise
+    """Replace `path` atomically (keel.writer: temp file in the same dir, fsync, os.replace)."""
+    atomic_write_text(path, json.dumps(data, sort_keys=True), 0o640)
 
 
 def _iso(wall: float) -> str:

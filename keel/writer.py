@@ -11,10 +11,10 @@ from __future__ import annotations
 
 import difflib
 import os
-import tempfile
 from dataclasses import dataclass
 from pathlib import Path
 
+from keel.atomic import atomic_write_text
 from keel.render import RenderedFile
 
 
@@ -31,25 +31,6 @@ class WriteResult:
 def target_path(file: RenderedFile, out_dir: Path) -> Path:
     path = Path(file.path)
     return path if path.is_absolute() else out_dir / path
-
-
-def atomic_write_text(path: Path, text: str, mode: int = 0o640) -> None:
-    """Write `text` to `path` through a temp file in the same directory and os.replace."""
-    directory = path.parent
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=directory)
-    try:
-        with os.fdopen(fd, "w", encoding="utf-8") as handle:
-            handle.write(text)
-            handle.flush()
-            os.fsync(handle.fileno())
-        os.chmod(tmp, mode)
-        os.replace(tmp, path)
-    except BaseException:
-        try:
-            os.unlink(tmp)
-        except FileNotFoundError:
-            pass
-        raise
 
 
 def _current_text(path: Path) -> str | None:
