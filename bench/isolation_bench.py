@@ -59,6 +59,8 @@ from typing import Any, Callable
 
 import psutil
 
+from keel.launch import kill_processes
+
 REPO = Path(__file__).resolve().parent.parent
 PY = str(REPO / ".venv" / "bin" / "python") if (REPO / ".venv" / "bin" / "python").exists() else sys.executable
 ENV = "iso"
@@ -882,13 +884,7 @@ def cleanup(setups: dict[str, Setup], browser_box: list) -> None:
             pass
     # anything still descending from this process (Playwright's driver, Chromium): by pid
     me = psutil.Process()
-    left = [p for p in me.children(recursive=True) if alive(p)]
-    for p in left:
-        try:
-            p.kill()
-        except psutil.Error:
-            pass
-    psutil.wait_procs(left, timeout=5)
+    kill_processes([p for p in me.children(recursive=True) if alive(p)], timeout=5)
     still = [p.pid for s in setups.values() for p in s.tree() if alive(p)] + [p.pid for p in me.children(recursive=True) if alive(p)]
     if still:
         log(f"WARNING: processes left: {still}")

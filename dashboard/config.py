@@ -13,7 +13,7 @@ from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any
 
-from keel.resolve import is_loopback  # one definition of "loopback" for render-config and the dashboard
+from keel.netaddr import is_loopback
 
 
 class ConfigError(ValueError):

@@ -13,6 +13,7 @@ Exit codes: 0 ok (with --diff: 0 also when there are changes), 2 bad config or a
 from __future__ import annotations
 
 import argparse
+import json
 import os
 import shutil
 import subprocess
@@ -85,40 +86,64 @@ def reload_supervisord(socket: str, programs: list[str]) -> str:
     """include mode: ask the host supervisord to reread and update (only changed programs restart)."""
     if not os.path.exists(socket):
         return f"supervisord at {socket} not running: start it, then `supervisorctl update`"
-    ctl = shutil.which("supervisorctl", path=os.path.dirname(sys.executable)) or shutil.which("supervisorctl")
-    if ctl is None:
-        return "supervisorctl not found: run `supervisorctl reread && supervisorctl update` yourself"
-    url = f"unix://{socket}"
     for args in (["reread"], ["update", *programs]):
-        done = subprocess.run([ctl, "-s", url, *args], capture_output=True, text=True, timeout=60)
+        done = supervisorctl(socket, *args, timeout=60)
         if done.returncode != 0:
             return f"supervisorctl {' '.join(args)} failed: {(done.stdout + done.stderr).strip()}"
     return f"supervisord at {socket}: reread and updated {', '.join(programs)} (only changed programs restart)"
 
 
+def render_environment(
+    env: str,
+    config_dir: Path | None = None,
+    overrides: list[str] = (),
+    backend: str | None = None,
+    out: Path | None = None,
+):
+    """Validate and render one environment in memory: (loaded config, context, files, build dir).
+
+    The one render path for bin/render-config, bin/launch and bin/doctor. Raises ConfigError
+    (with file:line) for a bad config and for a value the target format cannot carry.
+    """
+    # Imported here: loading and validating must stay fast and light for --check.
+    from keel.render import RenderError, render
+    from keel.resolve import Context
+
+    overrides = list(overrides) + ([f"backend={backend}"] if backend else [])
+    loaded = load_config(env, _config_dir(argparse.Namespace(config_dir=config_dir)), overrides)
+    build_dir = (out or build_root() / env).resolve()
+    ctx = Context(env=env, code_dir=CODE_DIR, build_dir=build_dir, sources=_sources(loaded), backend=loaded.config.backend)
+    try:
+        files = render(loaded.config, ctx, install=out is None)
+    except RenderError as exc:
+        raise ConfigError(f"{loaded.locate(exc.path)}: {exc}") from None
+    return loaded, ctx, files, build_dir
+
+
+def stack_of(files) -> dict:
+    """keel.json among the rendered files, parsed."""
+    return json.loads(next(f.text for f in files if f.path == "keel.json"))
+
+
+def supervisorctl(socket: str, *args: str, timeout: float = 120) -> subprocess.CompletedProcess:
+    """Run the venv's supervisorctl against a unix socket."""
+    ctl = shutil.which("supervisorctl", path=os.path.dirname(sys.executable)) or shutil.which("supervisorctl") or "supervisorctl"
+    return subprocess.run([ctl, "-s", f"unix://{socket}", *args], capture_output=True, text=True, timeout=timeout)
+
+
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     try:
-        overrides = args.overrides + ([f"backend={args.backend}"] if args.backend else [])
-        loaded = load_config(args.env, _config_dir(args), overrides)
+        loaded, ctx, files, build_dir = render_environment(
+            args.env, args.config_dir, args.overrides, args.backend, args.out)
     except ConfigError as exc:
         print(f"render-config: {exc}", file=sys.stderr)
         return 2
 
-    # Imported here: loading and validating must stay fast and light for --check.
-    from keel.render import RenderError, render
-    from keel.resolve import Context
-    from keel.writer import OutputError, diff_files, write_files
+    from keel.writer import diff_files, write_files
 
     config = loaded.config
-    backend = args.backend or config.backend
-    build_dir = (args.out or build_root() / args.env).resolve()
-    ctx = Context(env=args.env, code_dir=CODE_DIR, build_dir=build_dir, sources=_sources(loaded), backend=backend)
-    try:
-        files = render(config, ctx, install=args.out is None)
-    except RenderError as exc:
-        print(f"render-config: {loaded.locate(exc.path)}: {exc}", file=sys.stderr)
-        return 2
+    backend = ctx.backend
 
     if args.check:
         if not args.quiet:
@@ -129,9 +154,7 @@ def main(argv: list[str] | None = None) -> int:
         return 0
     try:
         results = write_files(files, build_dir)
-        import json
-
-        stack = json.loads(next(f.text for f in files if f.path == "keel.json"))
+        stack = stack_of(files)
         if args.out is None and not args.no_mkdirs:
             make_dirs(stack, list(config.processes))
     except OSError as exc:

@@ -281,7 +281,7 @@ def cross_field_errors(config: KeelConfig) -> list[tuple[PathKey, str]]:
     """Checks that span processes: names, GPU and port conflicts, GPUs on the wrong kinds, backend needs."""
     import re
 
-    from keel.resolve import is_loopback
+    from keel.netaddr import is_loopback
 
     errors: list[tuple[PathKey, str]] = []
     gpu_owner: dict[int, str] = {}

@@ -53,17 +53,14 @@ def check_config(env: str, config_dir: Path | None) -> tuple[Finding, Any]:
     return Finding("config", OK, f"{env}: {len(loaded.config.processes)} processes, {loaded.config.backend}"), loaded
 
 
-def check_rendered(env: str, loaded: Any) -> Finding:
-    from keel.cli import CODE_DIR, _sources, build_root
-    from keel.render import RenderError, render
-    from keel.resolve import Context
+def check_rendered(env: str, config_dir: Path | None) -> Finding:
+    from keel.cli import render_environment
+    from keel.config import ConfigError
     from keel.writer import diff_files
 
-    build_dir = build_root() / env
-    ctx = Context(env=env, code_dir=CODE_DIR, build_dir=build_dir, sources=_sources(loaded), backend=loaded.config.backend)
     try:
-        files = render(loaded.config, ctx, install=True)
-    except RenderError as exc:
+        _, _, files, build_dir = render_environment(env, config_dir)
+    except ConfigError as exc:
         return Finding("rendered files", FAIL, str(exc), "fix the value named above")
     if not (build_dir / "keel.json").exists():
         return Finding("rendered files", FAIL, f"{build_dir} not rendered", f"bin/render-config {env}")
@@ -207,7 +204,7 @@ def run_checks(env: str, config_dir: Path | None) -> list[Finding]:
     config_finding, loaded = check_config(env, config_dir)
     findings.append(config_finding)
     if loaded is not None:
-        findings.append(check_rendered(env, loaded))
+        findings.append(check_rendered(env, config_dir))
     try:
         stack = load_stack(stack_path(env))
     except StackFileError as exc:

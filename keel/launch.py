@@ -13,7 +13,6 @@ the supervisord and systemd backends share this code.
 from __future__ import annotations
 
 import argparse
-import json
 import os
 import signal
 import subprocess
@@ -24,8 +23,8 @@ from typing import Any
 
 import psutil
 
-from keel.cli import CODE_DIR, build_root, make_dirs
-from keel.config import ConfigError, load_config
+from keel.cli import build_root, make_dirs, render_environment, stack_of, supervisorctl
+from keel.config import ConfigError
 
 SUPERVISORD = str(Path(sys.executable).parent / "supervisord")
 
@@ -43,24 +42,11 @@ def say(message: str) -> None:
 
 def render_env(env: str, config_dir: Path | None, overrides: list[str], backend: str | None = None) -> dict[str, Any]:
     """Validate and render like bin/render-config; return keel.json. A bad config raises ConfigError, writes nothing."""
-    from keel.cli import _config_dir, _sources
-    from keel.render import render
-    from keel.resolve import Context
     from keel.writer import write_files
 
-    ns = argparse.Namespace(config_dir=config_dir)
-    overrides = list(overrides) + ([f"backend={backend}"] if backend else [])
-    loaded = load_config(env, _config_dir(ns), overrides)
-    build_dir = build_root() / env
-    ctx = Context(env=env, code_dir=CODE_DIR, build_dir=build_dir, sources=_sources(loaded), backend=backend or loaded.config.backend)
-    from keel.render import RenderError
-
-    try:
-        files = render(loaded.config, ctx, install=True)
-    except RenderError as exc:
-        raise ConfigError(f"{loaded.locate(exc.path)}: {exc}") from None
+    _, _, files, build_dir = render_environment(env, config_dir, overrides, backend)
     write_files(files, build_dir)
-    stack = json.loads(next(f.text for f in files if f.path == "keel.json"))
+    stack = stack_of(files)
     make_dirs(stack, list(stack["processes"]))
     return stack
 
@@ -178,9 +164,7 @@ def cmd_up(args: argparse.Namespace) -> int:
 
 
 def _supervisorctl(stack: dict[str, Any], *args: str) -> subprocess.CompletedProcess:
-    ctl = str(Path(sys.executable).parent / "supervisorctl")
-    return subprocess.run([ctl, "-s", f"unix://{stack['control']['socket']}", *args],
-                          capture_output=True, text=True, timeout=120)
+    return supervisorctl(stack["control"]["socket"], *args)
 
 
 def _up_standalone(stack: dict[str, Any], args: argparse.Namespace) -> int:
@@ -374,6 +358,12 @@ def cmd_logs(args: argparse.Namespace) -> int:
     return follow_log(Path(proc["log_file"]), lines=args.lines, follow=args.follow, raw=args.raw)
 
 
+def cmd_status(args: argparse.Namespace) -> int:
+    from keel import statuscmd
+
+    return statuscmd.main([args.env] + (["--json"] if args.json else []) + (["--watch"] if args.watch else []))
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="launch", description="Bring a keel stack up or down and look at it.")
     sub = parser.add_subparsers(dest="command", required=True)
@@ -401,8 +391,7 @@ def build_parser() -> argparse.ArgumentParser:
     status.add_argument("env")
     status.add_argument("--json", action="store_true")
     status.add_argument("--watch", action="store_true")
-    status.set_defaults(func=lambda a: __import__("keel.statuscmd", fromlist=["main"]).main(
-        [a.env] + (["--json"] if a.json else []) + (["--watch"] if a.watch else [])))
+    status.set_defaults(func=cmd_status)
 
     logs = sub.add_parser("logs", help="show (and follow) one process's log, JSON pretty-printed")
     logs.add_argument("env")

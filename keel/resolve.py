@@ -9,7 +9,6 @@ sibling changed.
 
 from __future__ import annotations
 
-import ipaddress
 import os
 from dataclasses import dataclass
 from pathlib import Path, PurePath
@@ -188,15 +187,6 @@ def supervisord_socket(config: KeelConfig, paths: dict[str, str]) -> str:
     if config.supervisord.mode == "include":
         return "/var/run/supervisor.sock"
     return str(Path(paths["run_dir"]) / "supervisor.sock")
-
-
-def is_loopback(address: str) -> bool:
-    if address == "localhost":
-        return True
-    try:
-        return ipaddress.ip_address(address).is_loopback
-    except ValueError:
-        return False
 
 
 def dashboard_url(config: KeelConfig) -> str | None:

@@ -13,12 +13,13 @@ from __future__ import annotations
 import logging
 import os
 import re
-import tempfile
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Callable
 
 import torch
+
+from keel.atomic import atomic_write
 
 PREFIX = "ckpt-"
 SUFFIX = ".pt"
@@ -47,14 +48,6 @@ class Loaded:
     step: int
     path: Path
     state: dict[str, Any]
-
-
-def _fsync_dir(path: Path) -> None:
-    fd = os.open(path, os.O_RDONLY | os.O_DIRECTORY)
-    try:
-        os.fsync(fd)
-    finally:
-        os.close(fd)
 
 
 class CheckpointStore:
@@ -107,22 +100,8 @@ class CheckpointStore:
         """Write `state` as the checkpoint for `step` atomically, then prune to the last `keep`."""
         self.directory.mkdir(parents=True, exist_ok=True)
         final = self.directory / checkpoint_name(step)
-        fd, tmp = tempfile.mkstemp(prefix=TEMP_PREFIX, suffix=SUFFIX, dir=self.directory)
-        try:
-            with os.fdopen(fd, "wb") as f:
-                torch.save(state, f)
-                f.flush()
-                os.fsync(f.fileno())
-            os.replace(tmp, final)
-        except BaseException:
-            # A failed write (disk full, a bug in state) must not leave a temp file behind.
-            try:
-                os.unlink(tmp)
-            except FileNotFoundError:
-                pass
-            raise
-        # The rename is durable only once the directory entry is on disk.
-        _fsync_dir(self.directory)
+        # temp + fsync + os.replace + dir fsync: a SIGKILL at any point leaves the old checkpoints intact
+        atomic_write(final, lambda f: torch.save(state, f), mode=0o640, temp_prefix=TEMP_PREFIX, sync_dir=True)
         self._prune()
         return final
 
