@@ -33,9 +33,22 @@ from dashboard.present import PidCheck, Verdict, error_label, event_line, is_res
 log = logging.getLogger("dashboard.collector")
 
 METRIC_COLUMNS = ("step", "loss", "val_loss", "lr", "samples_per_s", "grad_norm")
-HOST_COLUMNS = ("t", "cpu", "mem_pct")
-PROC_COLUMNS = ("t", "cpu", "rss_mb")
-GPU_COLUMNS = ("t", "util", "mem_pct", "temp", "power")
+# One series for everything sampled at the same instant: host, each process, each GPU.
+# A browser session then gets one stream message per refresh for all resource plots,
+# not one per process and GPU (each message costs the server a pass over the document).
+RESOURCE_COLUMNS = ("t", "host_cpu", "host_mem_pct")
+PROC_FIELDS = ("cpu", "rss_mb")
+GPU_FIELDS = ("util", "mem_pct", "temp", "power")
+
+
+def proc_column(field: str, name: str) -> str:
+    """The resources column of one process's ``field`` (a ``PROC_FIELDS`` member)."""
+    return f"{field}:{name}"
+
+
+def gpu_column(field: str, index: int) -> str:
+    """The resources column of one GPU's ``field`` (a ``GPU_FIELDS`` member)."""
+    return f"gpu_{field}:{index}"
 EVENTS_KEPT = 200
 LOG_TAIL_BYTES = 64 << 10
 METRICS_PER_CYCLE = 20_000  # catch up on a long file over several cycles, not in one hung read
@@ -165,10 +178,9 @@ class Collector:
         n = cfg.history_points
         self.statuses: dict[str, ProcessStatus | ReadError] = {}
         self.metrics: dict[str, History] = {}
-        self.host = History(HOST_COLUMNS, n)
-        self.procs: dict[str, History] = {}
-        self.gpus: dict[int, History] = {}
-        self.gpu_names: dict[int, str] = {}
+        self.resources = History(RESOURCE_COLUMNS, n)
+        self.procs: list[str] = []  # processes with columns in ``resources``, first seen first
+        self.gpus: dict[int, str] = {}  # GPU index -> name, for GPUs with columns in ``resources``
         self.gpu_error: str | None = None
         self.events: collections.deque[tuple[int, str]] = collections.deque(maxlen=EVENTS_KEPT)
         self._event_serial = 0
@@ -191,6 +203,19 @@ class Collector:
         # Text the page derives from one cycle (same for every session): computed once per
         # generation by the first session that needs it, not once per session.
         self.derived: dict[str, Any] = {}
+        self._listeners: list[Callable[[], None]] = []
+
+    def subscribe(self, listener: Callable[[], None]) -> Callable[[], None]:
+        """Call ``listener`` (on the loop) after every cycle; returns the unsubscribe function."""
+        self._listeners.append(listener)
+        return lambda: self._listeners.remove(listener) if listener in self._listeners else None
+
+    def _notify(self) -> None:
+        for listener in list(self._listeners):
+            try:
+                listener()
+            except Exception:  # noqa: BLE001 - one broken session must not stop the others
+                log.exception("notifying a session failed")
 
     # ------------------------------------------------------------------ loop
 
@@ -287,6 +312,9 @@ class Collector:
             await self._guard("own status", self._start_reporter)
         if self.reporter is not None:
             await self._guard("own status", self._report, now_wall, dict(self.errors))
+        # Sessions update now rather than at their own timer's next tick: a new value reaches
+        # the page right after the cycle that read it, and session work never lands mid-cycle.
+        self._notify()
 
     def _log_stats(self) -> None:
         """One line with every cycle time of the window: cheap, and enough for exact percentiles."""
@@ -336,28 +364,35 @@ class Collector:
             self.events.append((self._event_serial, event_line(rec)))
 
     def _apply_sample(self, sample: ResourceSample, now_wall: datetime) -> None:
-        t = now_wall.timestamp() * 1000.0  # Bokeh datetime axes are in ms since the epoch
+        """One row of ``resources``: a process or GPU absent from this sample gets NaN (a gap)."""
         host = sample.host
-        self.host.append({"t": t, "cpu": host.cpu_percent,
-                          "mem_pct": 100.0 * host.mem_used / host.mem_total if host.mem_total else None})
+        row: dict[str, float | None] = {
+            "t": now_wall.timestamp() * 1000.0,  # Bokeh datetime axes are in ms since the epoch
+            "host_cpu": host.cpu_percent,
+            "host_mem_pct": 100.0 * host.mem_used / host.mem_total if host.mem_total else None,
+        }
         self._pids = {pid: PidCheck(p.alive, p.create_time) for pid, p in sample.processes.items()}
         for s in self._live_statuses():
             p = sample.processes.get(s.pid)
             if p is None or not p.alive or s.host != self.host_name:
                 continue
-            h = self.procs.get(s.name)
-            if h is None:
-                h = self.procs[s.name] = History(PROC_COLUMNS, self.cfg.history_points)
-            h.append({"t": t, "cpu": p.cpu_percent, "rss_mb": p.rss_bytes / 2**20})
+            if s.name not in self.procs:
+                self.procs.append(s.name)
+                for field in PROC_FIELDS:
+                    self.resources.add_column(proc_column(field, s.name))
+            row[proc_column("cpu", s.name)] = p.cpu_percent
+            row[proc_column("rss_mb", s.name)] = p.rss_bytes / 2**20
         self.gpu_error = sample.gpu_error
         for g in sample.gpus:
-            h = self.gpus.get(g.index)
-            if h is None:
-                h = self.gpus[g.index] = History(GPU_COLUMNS, self.cfg.history_points)
-            self.gpu_names[g.index] = g.name
-            h.append({"t": t, "util": g.util_percent,
-                      "mem_pct": 100.0 * g.memory_used / g.memory_total if g.memory_total else None,
-                      "temp": g.temperature_c, "power": g.power_w})
+            if g.index not in self.gpus:
+                for field in GPU_FIELDS:
+                    self.resources.add_column(gpu_column(field, g.index))
+            self.gpus[g.index] = g.name
+            row[gpu_column("util", g.index)] = g.util_percent
+            row[gpu_column("mem_pct", g.index)] = 100.0 * g.memory_used / g.memory_total if g.memory_total else None
+            row[gpu_column("temp", g.index)] = g.temperature_c
+            row[gpu_column("power", g.index)] = g.power_w
+        self.resources.append(row)
 
     # -------------------------------------------------------------- queries
 

@@ -52,6 +52,13 @@ class History:
         for r in rows:
             self.append(r)
 
+    def add_column(self, name: str) -> None:
+        """A new column; the points already held get NaN in it (a gap, not a made-up value)."""
+        if name in self._data:
+            return
+        self.columns += (name,)
+        self._data[name] = array("d", [math.nan]) * len(self._serials)
+
     def _downsample(self) -> None:
         # Thin the older half to every other point; the newest half is untouched
         # so a session streaming "after serial N" never misses a recent point.
@@ -62,14 +69,14 @@ class History:
             self._data[c] = col[0:half:2] + col[half:]
         self.downsamples += 1
 
-    def since(self, serial: int) -> dict[str, list[float]]:
-        """Columns of the points newer than ``serial`` (all points for -1)."""
+    def since(self, serial: int, columns: Iterable[str] | None = None) -> dict[str, list[float]]:
+        """Columns (all, or those named) of the points newer than ``serial`` (all points for -1)."""
         start = bisect.bisect_right(self._serials, serial)
-        return {c: self._data[c][start:].tolist() for c in self.columns}
+        return {c: self._data[c][start:].tolist() for c in (self.columns if columns is None else columns)}
 
-    def data(self) -> dict[str, list[float]]:
-        """All retained points, as columns (copies)."""
-        return {c: v.tolist() for c, v in self._data.items()}
+    def data(self, columns: Iterable[str] | None = None) -> dict[str, list[float]]:
+        """All retained points of all (or the named) columns, as copies."""
+        return self.since(-1, columns)
 
     def latest(self, column: str) -> float | None:
         """The newest non-NaN value of ``column``, or None."""

@@ -14,22 +14,20 @@ from typing import Any
 
 from bokeh.document import Document
 from bokeh.layouts import column, row
-from bokeh.models import ColumnDataSource, CustomJS, DataTable, Div, HTMLTemplateFormatter, TableColumn
+from bokeh.models import ColumnDataSource, CustomJS, DataTable, Div, Line, Scatter, StringFormatter, TableColumn
 from bokeh.palettes import Category10_10
 from bokeh.plotting import figure
 
 from keel.models import ProcessStatus
 from keel.statusfile import ReadError, Stale
 
-from dashboard.collector import Collector
+from dashboard.collector import RESOURCE_COLUMNS, Collector, gpu_column, proc_column
 from dashboard.present import (
     BAD, DEFAULT_HEARTBEAT_TIMEOUT, GREY, OK, ROW_COLUMNS, WARN, badge, esc, fmt_age, training_summary,
 )
 
 log = logging.getLogger("dashboard.page")
 
-_CELL = '<span style="color:<%= color %>"><%- value %></span>'
-_HEALTH = '<span style="color:<%= health_color %>;font-weight:bold"><%- value %></span>'
 _TABLE_FIELDS = (
     ("name", "process", 130), ("kind", "kind", 70), ("state", "state", 90), ("pid", "pid", 70),
     ("uptime", "uptime", 70), ("restarts", "restarts", 60), ("health", "health", 90),
@@ -63,18 +61,29 @@ class SessionView:
         self.errors = Div(name="errors", css_classes=["keel-errors"], sizing_mode="stretch_width")
         self.table_source = ColumnDataSource(dict(collector.rows) or _empty_rows(), name="processes")
         cols = [
+            # plain-text cells coloured from a column: no per-cell template to run in the browser
             TableColumn(field=f, title=t, width=w,
-                        formatter=HTMLTemplateFormatter(template=_HEALTH if f == "health" else _CELL))
+                        formatter=StringFormatter(text_color="health_color", font_style="bold") if f == "health"
+                        else StringFormatter(text_color="color"))
             for f, t, w in _TABLE_FIELDS
         ]
+        # autosize_mode "none": the widths above stand, instead of a column-fitting pass
+        # (a forced layout) on every repaint of the table.
         self.table = DataTable(source=self.table_source, columns=cols, name="process_table", index_position=None,
                                height=60 + 28 * max(3, len(self.table_source.data["name"])),
-                               sizing_mode="stretch_width", row_height=26)
+                               sizing_mode="stretch_width", row_height=26, autosize_mode="none")
         # BokehJS's DataTable redraws on a new data dict but not on a same-length patch
         # (its CDSView indices do not change); poke the view so patched cells repaint.
         self.table_source.js_on_change("patching", CustomJS(args={"table": self.table},
                                                             code="table.view.change.emit()"))
         self.training = Div(name="training", css_classes=["keel-training"], sizing_mode="stretch_width")
+        # Which colour is which stream/process: one line of HTML each, rewritten only when a
+        # line is added. Bokeh legends drawn on the canvas cost every repaint of every plot.
+        self.training_key = Div(name="training_key", css_classes=["keel-key"], sizing_mode="stretch_width")
+        self.resources_key = Div(name="resources_key", css_classes=["keel-key"], sizing_mode="stretch_width")
+        self._training_keys: list[tuple[str, str]] = []
+        self._resource_keys: list[tuple[str, str]] = [("black", "host (RAM % dashed)")]
+        self._set(self.resources_key, _key_html(self._resource_keys))
         self.loss = _fig("loss (line) and validation loss (dots)", "step", name="loss_plot")
         self.speed = _fig("throughput (samples/s)", "step", name="throughput_plot")
         self.lr = _fig("learning rate", "step", name="lr_plot")
@@ -86,20 +95,23 @@ class SessionView:
         self.logs = Div(name="logs", css_classes=["keel-logs"], sizing_mode="stretch_width")
         self.update_error = Div(name="update_error", visible=False)
         self.metric_sources: dict[str, ColumnDataSource] = {}
-        self.proc_sources: dict[str, ColumnDataSource] = {}
-        self.gpu_sources: dict[int, ColumnDataSource] = {}
         self._sent: dict[str, int] = {}
         self._event_serial = -1
         self._event_lines: list[str] = []
         self._generation = -1
-        self.host_source = ColumnDataSource(collector.host.data(), name="host")
-        self._sent["host"] = collector.host.last_serial
-        self.cpu.line("t", "cpu", source=self.host_source, color="black", legend_label="host", line_width=2)
-        self.ram.line("t", "mem_pct", source=self.host_source, color="black", line_dash="dashed",
-                      legend_label="host RAM %")
+        # Host, process and GPU lines all read this one source (one row per sample).
+        self.resources_source = ColumnDataSource(collector.resources.data(RESOURCE_COLUMNS),
+                                                 name="resources")
+        self._sent["resources"] = collector.resources.last_serial
+        self._resource_columns: list[str] = list(RESOURCE_COLUMNS)
+        self._plotted_proc_names: list[str] = []
+        self._plotted_gpus: list[int] = []
+        _line(self.cpu, self.resources_source, "t", "host_cpu", "black", line_width=2)
+        _line(self.ram, self.resources_source, "t", "host_mem_pct", "black", line_dash="dashed")
         self.layout = column(
-            self.header, self.errors, self.table, self.training,
+            self.header, self.errors, self.table, self.training, self.training_key,
             row(self.loss, self.speed, self.lr, sizing_mode="stretch_width"),
+            self.resources_key,
             row(self.cpu, self.ram, column(self.gpu_note, self.gpu, sizing_mode="stretch_width"),
                 sizing_mode="stretch_width"),
             Div(text="<b>Watchdog events</b>"), self.events,
@@ -107,14 +119,15 @@ class SessionView:
             sizing_mode="stretch_width", name="page",
         )
         self.update()
+        _unsynced(self.layout)
 
     # ----------------------------------------------------------------- series
 
-    def _stream(self, key: str, src: ColumnDataSource, hist: Any) -> None:
+    def _stream(self, key: str, src: ColumnDataSource, hist: Any, columns: list[str] | None = None) -> None:
         last = self._sent.get(key, -1)
         if hist.last_serial == last:
             return
-        new = hist.since(last)
+        new = hist.since(last, columns)
         if new and len(next(iter(new.values()))):
             src.stream(new, rollover=self.rollover)
         self._sent[key] = hist.last_serial
@@ -126,34 +139,44 @@ class SessionView:
             src = self.metric_sources[name] = ColumnDataSource(hist.data(), name=f"metrics:{name}")
             self._sent[f"metrics:{name}"] = hist.last_serial
             color = Category10_10[(len(self.metric_sources) - 1) % 10]
-            self.loss.line("step", "loss", source=src, color=color, legend_label=name)
-            self.loss.scatter("step", "val_loss", source=src, color=color, size=6)
-            self.speed.line("step", "samples_per_s", source=src, color=color, legend_label=name)
-            self.lr.line("step", "lr", source=src, color=color, legend_label=name)
+            _line(self.loss, src, "step", "loss", color)
+            self.loss.add_glyph(src, Scatter(x="step", y="val_loss", fill_color=color, line_color=color, size=6))
+            _line(self.speed, src, "step", "samples_per_s", color)
+            _line(self.lr, src, "step", "lr", color)
+            self._training_keys.append((color, name))
+            self._set(self.training_key, _key_html(self._training_keys))
         return src
 
-    def _proc_source(self, name: str) -> ColumnDataSource:
-        src = self.proc_sources.get(name)
-        if src is None:
-            hist = self.c.procs[name]
-            src = self.proc_sources[name] = ColumnDataSource(hist.data(), name=f"proc:{name}")
-            self._sent[f"proc:{name}"] = hist.last_serial
-            color = Category10_10[(len(self.proc_sources) - 1) % 10]
-            self.cpu.line("t", "cpu", source=src, color=color, legend_label=name)
-            self.ram.line("t", "rss_mb", source=src, color=color, legend_label=name)
-        return src
-
-    def _gpu_source(self, index: int) -> ColumnDataSource:
-        src = self.gpu_sources.get(index)
-        if src is None:
-            hist = self.c.gpus[index]
-            src = self.gpu_sources[index] = ColumnDataSource(hist.data(), name=f"gpu:{index}")
-            self._sent[f"gpu:{index}"] = hist.last_serial
+    def _update_resources(self) -> None:
+        """Stream the new samples; when a process or GPU is first plotted, resend the source once."""
+        c = self.c
+        procs = [n for n in self._plotted_procs() if n not in self._plotted_proc_names]
+        gpus = [i for i in sorted(c.gpus) if i not in self._plotted_gpus]
+        if not procs and not gpus:
+            self._stream("resources", self.resources_source, c.resources, self._resource_columns)
+            return
+        for name in procs:
+            self._resource_columns += [proc_column("cpu", name), proc_column("rss_mb", name)]
+        for index in gpus:
+            self._resource_columns += [gpu_column("util", index), gpu_column("mem_pct", index)]
+        # New columns cannot be streamed into an existing source; their lines need them first.
+        self.resources_source.data = c.resources.data(self._resource_columns)
+        self._sent["resources"] = c.resources.last_serial
+        src = self.resources_source
+        for name in procs:
+            color = Category10_10[len(self._plotted_proc_names) % 10]
+            self._plotted_proc_names.append(name)
+            _line(self.cpu, src, "t", proc_column("cpu", name), color)
+            _line(self.ram, src, "t", proc_column("rss_mb", name), color)
+            self._resource_keys.append((color, name))
+        for index in gpus:
+            self._plotted_gpus.append(index)
             color = Category10_10[index % 10]
-            label = f"GPU {index} {self.c.gpu_names.get(index, '')}".strip()
-            self.gpu.line("t", "util", source=src, color=color, legend_label=label)
-            self.gpu.line("t", "mem_pct", source=src, color=color, line_dash="dashed")
-        return src
+            label = f"GPU {index} {c.gpus.get(index, '')}".strip()
+            _line(self.gpu, src, "t", gpu_column("util", index), color)
+            _line(self.gpu, src, "t", gpu_column("mem_pct", index), color, line_dash="dashed")
+            self._resource_keys.append((color, label))
+        self._set(self.resources_key, _key_html(self._resource_keys))
 
     # ----------------------------------------------------------------- update
 
@@ -190,11 +213,7 @@ class SessionView:
         self._set(self.training, self._derived("training", self._training_html))
         for name in sorted(c.metrics)[:MAX_PLOTTED]:
             self._stream(f"metrics:{name}", self._metric_source(name), c.metrics[name])
-        self._stream("host", self.host_source, c.host)
-        for name in self._plotted_procs():
-            self._stream(f"proc:{name}", self._proc_source(name), c.procs[name])
-        for index, hist in list(c.gpus.items()):
-            self._stream(f"gpu:{index}", self._gpu_source(index), hist)
+        self._update_resources()
         no_gpu = not c.gpus
         self._set(self.gpu_note, f"{badge('no GPU', WARN)} {esc(c.gpu_error or 'no GPU metrics')}" if no_gpu else "")
         if self.gpu.visible == no_gpu:
@@ -217,10 +236,13 @@ class SessionView:
         return value
 
     def _plotted_procs(self) -> list[str]:
-        """The stack's processes first (in keel.json order), then others, at most MAX_PLOTTED."""
+        """The processes this session plots: those it already plots, then the stack's processes
+        (in keel.json order), then others, at most MAX_PLOTTED. A plotted line is never dropped."""
         order = [n for p in self.c.cfg.processes for n in p.status_names]
         rank = {n: i for i, n in enumerate(order)}
-        return sorted(self.c.procs, key=lambda n: (rank.get(n, len(rank)), n))[:MAX_PLOTTED]
+        candidates = sorted((n for n in self.c.procs if n not in self._plotted_proc_names),
+                            key=lambda n: (rank.get(n, len(rank)), n))
+        return (self._plotted_proc_names + candidates)[:max(MAX_PLOTTED, len(self._plotted_proc_names))]
 
     def _update_table(self, rows: dict[str, list]) -> None:
         if not rows:
@@ -248,7 +270,9 @@ class SessionView:
         elif age > max(3 * cfg.refresh, cfg.read_timeout + cfg.refresh):
             fresh = badge(f"data {fmt_age(age)} old: reader stuck", BAD)
         else:
-            fresh = f"refreshed {fmt_age(age)} ago"
+            # Not the exact age: a header that changes every refresh costs every session a
+            # message per refresh for nothing a reader needs.
+            fresh = f"live, every {fmt_age(cfg.refresh)}"
         why = f" ({esc(c.overall.note)})" if c.overall.note else ""
         return (
             f"<div style='font-size:120%'><b>{esc(cfg.project)}</b> · {esc(cfg.environment)} · "
@@ -280,6 +304,24 @@ class SessionView:
             div.text = text
 
 
+def _line(fig: Any, source: ColumnDataSource, x: str, y: str, color: str, **visuals: Any) -> None:
+    """A line without the selection and muted copies of its glyph that ``figure.line`` adds:
+    nothing here selects or mutes, and every model costs each message a pass over the document."""
+    fig.add_glyph(source, Line(x=x, y=y, line_color=color, **visuals))
+
+
+def _key_html(keys: list[tuple[str, str]]) -> str:
+    return " ".join(f"<span style='color:{color};white-space:nowrap'>&#9473;&#9473; {esc(label)}</span>"
+                    for color, label in keys)
+
+
+def _unsynced(root: Any) -> None:
+    """The browser never sends this page's models back: the server does not read them, and
+    auto-ranging plots otherwise send new range bounds for every streamed point."""
+    for model in root.references():
+        model.syncable = False
+
+
 def _kind(r: ProcessStatus | ReadError | None) -> str | None:
     s = r.status if isinstance(r, Stale) else r
     return s.kind if isinstance(s, ProcessStatus) else None
@@ -294,16 +336,39 @@ def _empty_rows() -> dict[str, list]:
     return {c: [] for c in ROW_COLUMNS}
 
 
+def _pusher(doc: Document, view: SessionView) -> Any:
+    """A collector listener that runs ``view.update`` on the session's next tick (under its
+    document lock), at most one pending at a time however far the loop has fallen behind."""
+    pending = False
+
+    def run() -> None:
+        nonlocal pending
+        pending = False
+        view.update()
+
+    def push() -> None:
+        nonlocal pending
+        if not pending:
+            pending = True
+            doc.add_next_tick_callback(run)
+
+    return push
+
+
 def make_doc(doc: Document, collector: Collector) -> SessionView:
     """Build the page into ``doc`` and start its per-session updates; returns the view (for tests)."""
     view = SessionView(doc, collector)
     doc.title = f"{collector.cfg.project} · {collector.cfg.environment}"
     doc.add_root(view.layout)
     collector.sessions += 1
+    # The timer keeps the header honest when the reader stalls; new data arrives by the push below.
     callback = doc.add_periodic_callback(view.update, int(collector.cfg.refresh * 1000))
+    unsubscribe = collector.subscribe(_pusher(doc, view)) if doc.session_context is not None else None
 
     def _destroyed(session_context: Any) -> None:
         collector.sessions = max(0, collector.sessions - 1)
+        if unsubscribe is not None:
+            unsubscribe()
         try:
             doc.remove_periodic_callback(callback)
         except Exception:  # noqa: BLE001 - Bokeh may have torn the document down already

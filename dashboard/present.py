@@ -34,7 +34,11 @@ ROW_COLUMNS = (
 
 
 def fmt_age(seconds: float | None) -> str:
-    """A short, human age: 0.4s, 12s, 3m05s, 2h01m, 3d04h."""
+    """A short, human age: 0.4s, 12s, 3m, 2h01m, 3d04h.
+
+    Whole minutes from one minute on: a table of old ages that changed every second would
+    cost every browser session a message per refresh and tell no one anything more.
+    """
     if seconds is None or isinstance(seconds, float) and math.isnan(seconds):
         return DASH
     s = max(0.0, seconds)
@@ -42,9 +46,9 @@ def fmt_age(seconds: float | None) -> str:
         return f"{s:.1f}s"
     if s < 60:
         return f"{s:.0f}s"
-    m, sec = divmod(int(s), 60)
+    m = int(s) // 60
     if m < 60:
-        return f"{m}m{sec:02d}s"
+        return f"{m}m"
     h, m = divmod(m, 60)
     if h < 24:
         return f"{h}h{m:02d}m"

@@ -65,3 +65,16 @@ def test_length_never_exceeds_bound_and_order_is_kept(n, count):
     assert xs == sorted(set(xs))
     if count:
         assert xs[-1] == count - 1
+
+
+def test_a_new_column_is_nan_for_the_points_before_it():
+    h = History(("t",), 10)
+    h.extend([{"t": 1}, {"t": 2}])
+    h.add_column("cpu:trainer")
+    h.add_column("cpu:trainer")  # twice: still one column
+    h.append({"t": 3, "cpu:trainer": 50})
+    assert h.columns == ("t", "cpu:trainer")
+    cpu = h.data()["cpu:trainer"]
+    assert math.isnan(cpu[0]) and math.isnan(cpu[1]) and cpu[2] == 50.0
+    assert h.since(0, ["cpu:trainer"])["cpu:trainer"][1:] == [50.0]
+    assert list(h.data(["t"])) == ["t"]

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import asyncio
 import json
+import math
 import os
 import subprocess
 import threading
@@ -15,6 +16,7 @@ from bokeh.document import Document
 from bokeh.document.events import ColumnDataChangedEvent, ColumnsPatchedEvent, ColumnsStreamedEvent
 
 from keel.models import State
+from keel.resources import GpuSample, HostSample, ProcessSample, ResourceSample
 from keel.reporter import ProcessReporter
 from keel.statusfile import JsonlWriter
 
@@ -240,3 +242,64 @@ print(json.dumps(sorted(sys.modules)))
     mods = json.loads(out.stdout.strip().splitlines()[-1])
     assert "bokeh" in mods and "keel.resources" in mods  # the control: we did load the app
     assert not [m for m in mods if m == "torch" or m.startswith(("torch.", "trainer"))]
+
+
+class ScriptedSampler:
+    """Resource samples chosen by the test (the real sampler is covered in test_resources)."""
+
+    def __init__(self) -> None:
+        self.procs: dict[int, ProcessSample] = {}
+        self.gpus: list[GpuSample] = []
+
+    def sample(self, pids):
+        return ResourceSample(time.monotonic(), HostSample(25.0, 4 << 30, 16 << 30), dict(self.procs),
+                              list(self.gpus), None if self.gpus else "no GPU metrics: test", {})
+
+    def close(self) -> None:
+        pass
+
+
+def test_every_resource_plot_is_fed_by_one_stream_and_a_gone_process_is_a_gap(run_dir):
+    cfg, rep = run_dir
+    sampler = ScriptedSampler()
+    me = os.getpid()
+    sampler.procs = {me: ProcessSample(me, True, 1.0, 300 << 20, 90.0, 1)}
+    sampler.gpus = [GpuSample(0, "H200", 80.0, 10 << 30, 140 << 30, 60.0, 400.0),
+                    GpuSample(1, "H200", 5.0, 1 << 30, 140 << 30, 40.0, 90.0)]
+    c = Collector(cfg, reader=RunDirReader(cfg, sampler=sampler))
+    cycle(c)
+    assert c.procs == ["trainer"] and sorted(c.gpus) == [0, 1]
+    doc = Document()
+    view = make_doc(doc, c)
+    src = doc.get_model_by_name("resources")
+    assert {"t", "host_cpu", "cpu:trainer", "rss_mb:trainer", "gpu_util:0", "gpu_mem_pct:1"} <= set(src.data)
+    assert list(src.data["rss_mb:trainer"]) == [300.0] and view.gpu.visible is True
+    assert "trainer" in view.resources_key.text and "GPU 1 H200" in view.resources_key.text
+    events = []
+    doc.on_change(lambda e: events.append(e))
+    sampler.procs = {me: ProcessSample(me, False, 1.0, 0, 0.0, 0)}  # the trainer died
+    cycle(c)
+    view.update()
+    streamed = [e for e in events if isinstance(e, ColumnsStreamedEvent)]
+    assert [e.model.name for e in streamed] == ["resources"]  # host, process and GPUs: one message
+    assert math.isnan(src.data["cpu:trainer"][-1]) and src.data["gpu_util:0"][-1] == 80.0
+    c.runner.close()
+
+
+def test_the_browser_sends_nothing_back_and_new_data_is_pushed_after_each_cycle(run_dir):
+    cfg, rep = run_dir
+    c = Collector(cfg)
+    cycle(c)
+    doc = Document()
+    make_doc(doc, c)
+    # auto-ranging plots would otherwise send their new bounds for every streamed point
+    assert all(not m.syncable for m in doc.models)
+    calls = []
+    c.subscribe(lambda: 1 / 0)  # a broken listener does not stop the others
+    unsubscribe = c.subscribe(lambda: calls.append(c.generation))
+    cycle(c)
+    cycle(c)
+    unsubscribe()
+    cycle(c)
+    assert calls == [c.generation - 2, c.generation - 1]
+    c.runner.close()
