@@ -30,8 +30,8 @@ settings); its workers inherit CPU 0. This script, Playwright and Chromium run o
    plays the limit (cgroup/OOM killer): SIGKILL when the process's RSS is 1 GiB over
    its RSS at the trigger for 3 polls 1 s apart, the watchdog's rule.
 
-    .venv/bin/python bench/isolation_bench.py            # ~7 minutes: 5 rounds, 30 s block
-    .venv/bin/python bench/isolation_bench.py --quick    # ~3.5 minutes: 3 rounds, 10 s block
+    .venv/bin/python bench/isolation_bench.py            # ~8.5 minutes here: 5 rounds, 30 s block
+    .venv/bin/python bench/isolation_bench.py --quick    # ~6.5 minutes here: 3 rounds, 10 s block
 
 Writes bench/results/isolation.json and prints markdown tables (README "Why separate processes").
 Every process it starts is gone when it returns, also on failure or Ctrl-C.
@@ -833,7 +833,7 @@ def dashboard_after(row: dict) -> str:
 
 def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    ap.add_argument("--quick", action="store_true", help="3 rounds, 6 s windows, a 10 s block (~3.5 minutes)")
+    ap.add_argument("--quick", action="store_true", help="3 rounds, 6 s windows, a 10 s block (~6.5 minutes)")
     ap.add_argument("--rounds", type=int, default=None, help="paired rounds (default 5; 3 with --quick)")
     ap.add_argument("--out", type=Path, default=REPO / "bench" / "results" / "isolation.json")
     ap.add_argument("--keep", action="store_true", help="keep the tmp dir (logs) after the run")
