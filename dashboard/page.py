@@ -136,11 +136,13 @@ class SessionView:
         src = self.metric_sources.get(name)
         if src is None:
             hist = self.c.metrics[name]
-            src = self.metric_sources[name] = ColumnDataSource(hist.data(), name=f"metrics:{name}")
+            src = self.metric_sources[name] = ColumnDataSource(hist.data(), name=f"metrics:{name}",
+                                                                syncable=False)
             self._sent[f"metrics:{name}"] = hist.last_serial
             color = Category10_10[(len(self.metric_sources) - 1) % 10]
             _line(self.loss, src, "step", "loss", color)
-            self.loss.add_glyph(src, Scatter(x="step", y="val_loss", fill_color=color, line_color=color, size=6))
+            self.loss.add_glyph(src, Scatter(x="step", y="val_loss", fill_color=color, line_color=color, size=6,
+                                             syncable=False), syncable=False)
             _line(self.speed, src, "step", "samples_per_s", color)
             _line(self.lr, src, "step", "lr", color)
             self._training_keys.append((color, name))
@@ -305,9 +307,10 @@ class SessionView:
 
 
 def _line(fig: Any, source: ColumnDataSource, x: str, y: str, color: str, **visuals: Any) -> None:
-    """A line without the selection and muted copies of its glyph that ``figure.line`` adds:
-    nothing here selects or mutes, and every model costs each message a pass over the document."""
-    fig.add_glyph(source, Line(x=x, y=y, line_color=color, **visuals))
+    """A line without the non-selection and muted copies of its glyph that ``figure.line`` adds:
+    nothing here selects or mutes, and every model costs each message a pass over the document.
+    Not synced back, like the rest of the page (see ``_unsynced``)."""
+    fig.add_glyph(source, Line(x=x, y=y, line_color=color, syncable=False, **visuals), syncable=False)
 
 
 def _key_html(keys: list[tuple[str, str]]) -> str:

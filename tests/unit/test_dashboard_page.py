@@ -291,9 +291,19 @@ def test_the_browser_sends_nothing_back_and_new_data_is_pushed_after_each_cycle(
     c = Collector(cfg)
     cycle(c)
     doc = Document()
-    make_doc(doc, c)
+    view = make_doc(doc, c)
     # auto-ranging plots would otherwise send their new bounds for every streamed point
     assert all(not m.syncable for m in doc.models)
+    late = ProcessReporter(cfg.run_dir, "late", "trainer", heartbeat_interval=60)
+    late.start({"run_id": "unit"})
+    late.metrics([{"step": 1, "loss": 1.0}])
+    cycle(c)
+    view.update()
+    assert doc.get_model_by_name("metrics:late") is not None
+    # lines added later are not synced either (their views and selections are Bokeh's defaults)
+    defaults = {"CDSView", "AllIndices", "Selection", "UnionRenderers"}
+    assert not [m for m in doc.models if m.syncable and type(m).__name__ not in defaults]
+    late.close()
     calls = []
     c.subscribe(lambda: 1 / 0)  # a broken listener does not stop the others
     unsubscribe = c.subscribe(lambda: calls.append(c.generation))
