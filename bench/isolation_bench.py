@@ -273,12 +273,16 @@ class Setup:
     def tree(self) -> list[psutil.Process]:
         raise NotImplementedError
 
-    def trainer_pid(self) -> int | None:
+    def status_pid(self, name: str) -> int | None:
+        """The pid in ``<name>.status.json`` when that process is alive (not a zombie), else None."""
         try:
-            pid = json.loads((self.run_dir / "trainer.status.json").read_bytes())["pid"]
-            return pid if psutil.pid_exists(pid) else None
-        except (OSError, ValueError, KeyError):
+            pid = json.loads((self.run_dir / f"{name}.status.json").read_bytes())["pid"]
+            return pid if alive(psutil.Process(pid)) else None
+        except (OSError, ValueError, KeyError, psutil.Error):
             return None
+
+    def trainer_pid(self) -> int | None:
+        return self.status_pid("trainer")
 
     def freeze(self) -> None:
         for p in self._order(self.tree()):
@@ -420,11 +424,7 @@ class Keel(Setup):
         return list(out.values())
 
     def dashboard_pid(self) -> int | None:
-        try:
-            pid = json.loads((self.run_dir / "dashboard.status.json").read_bytes())["pid"]
-            return pid if psutil.pid_exists(pid) else None
-        except (OSError, ValueError, KeyError):
-            return None
+        return self.status_pid("dashboard")
 
     def stop(self) -> None:
         """SIGTERM to `bin/launch up --foreground` (it stops supervisord, which stops the stack), then SIGKILL what is left."""

@@ -23,7 +23,7 @@ from keel.statusfile import ReadError, Stale
 
 from dashboard.collector import RESOURCE_COLUMNS, Collector, gpu_column, proc_column
 from dashboard.present import (
-    BAD, DEFAULT_HEARTBEAT_TIMEOUT, GREY, OK, ROW_COLUMNS, WARN, badge, esc, fmt_age, training_summary,
+    BAD, DEFAULT_HEARTBEAT_TIMEOUT, GREY, OK, ROW_COLUMNS, WARN, badge, esc, fmt_age, fmt_num, training_summary,
 )
 
 log = logging.getLogger("dashboard.page")
@@ -217,7 +217,8 @@ class SessionView:
             self._stream(f"metrics:{name}", self._metric_source(name), c.metrics[name])
         self._update_resources()
         no_gpu = not c.gpus
-        self._set(self.gpu_note, f"{badge('no GPU', WARN)} {esc(c.gpu_error or 'no GPU metrics')}" if no_gpu else "")
+        self._set(self.gpu_note, f"{badge('no GPU', WARN)} {esc(c.gpu_error or 'no GPU metrics')}" if no_gpu
+                  else self._derived("gpu_note", self._gpu_readings_html))
         if self.gpu.visible == no_gpu:
             self.gpu.visible = not no_gpu
         new_events = c.events_since(self._event_serial)
@@ -237,6 +238,15 @@ class SessionView:
             value = self.c.derived[key] = make()
         return value
 
+    def _gpu_readings_html(self) -> str:
+        """Each GPU's latest temperature and power (sampled with the plotted series, not drawn)."""
+        res = self.c.resources
+        return " · ".join(
+            f"GPU {i}: {fmt_num(res.latest(gpu_column('temp', i)), 3)} °C, "
+            f"{fmt_num(res.latest(gpu_column('power', i)), 4)} W"
+            for i in sorted(self.c.gpus)
+        )
+
     def _plotted_procs(self) -> list[str]:
         """The processes this session plots: those it already plots, then the stack's processes
         (in keel.json order), then others, at most MAX_PLOTTED. A plotted line is never dropped."""
@@ -244,7 +254,7 @@ class SessionView:
         rank = {n: i for i, n in enumerate(order)}
         candidates = sorted((n for n in self.c.procs if n not in self._plotted_proc_names),
                             key=lambda n: (rank.get(n, len(rank)), n))
-        return (self._plotted_proc_names + candidates)[:max(MAX_PLOTTED, len(self._plotted_proc_names))]
+        return (self._plotted_proc_names + candidates)[:MAX_PLOTTED]
 
     def _update_table(self, rows: dict[str, list]) -> None:
         if not rows:

@@ -85,3 +85,20 @@ class ProcessReaper:
             except ChildProcessError:
                 pass
         wait_until(lambda: not any(is_alive(p) for p in signalled), timeout, what=f"reaped {sorted(signalled)}")
+
+
+def write_host_supervisord_conf(directory: Path) -> Path:
+    """A "system" supervisord.conf in ``directory`` that includes ``directory/conf.d/*.conf``, as a
+    host's own supervisord does (include mode). Its socket is ``directory/supervisor.sock``; its
+    pidfile and log are in ``directory``. Returns the conf's path; ``conf.d`` exists afterwards."""
+    conf_d = directory / "conf.d"
+    conf_d.mkdir(parents=True, exist_ok=True)
+    conf = directory / "supervisord.conf"
+    conf.write_text(
+        f"[unix_http_server]\nfile={directory / 'supervisor.sock'}\nchmod=0700\n\n"
+        f"[supervisord]\nlogfile={directory}/supervisord.log\npidfile={directory}/supervisord.pid\n\n"
+        "[rpcinterface:supervisor]\nsupervisor.rpcinterface_factory = supervisor.rpcinterface:make_main_rpcinterface\n\n"
+        f"[supervisorctl]\nserverurl=unix://{directory / 'supervisor.sock'}\n\n"
+        f"[include]\nfiles = {conf_d}/*.conf\n"
+    )
+    return conf

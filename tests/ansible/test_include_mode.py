@@ -8,34 +8,15 @@ import subprocess
 import pytest
 
 from tests.ansible.fleet import VENV_BIN, make_fleet, recap
-from tests.support import wait_until
+from tests.support import wait_until, write_host_supervisord_conf
 
 pytestmark = [pytest.mark.ansible, pytest.mark.slow, pytest.mark.timeout(600)]
 
 
 def test_include_mode_installs_the_fragment_and_the_host_supervisord_runs_it(tmp_path, source, reaper):
     system = tmp_path / "system"
-    conf_d = system / "conf.d"
-    conf_d.mkdir(parents=True)
-    sock = system / "supervisor.sock"
-    conf = system / "supervisord.conf"
-    conf.write_text(f"""[unix_http_server]
-file={sock}
-chmod=0700
-
-[supervisord]
-logfile={system}/supervisord.log
-pidfile={system}/supervisord.pid
-
-[rpcinterface:supervisor]
-supervisor.rpcinterface_factory = supervisor.rpcinterface:make_main_rpcinterface
-
-[supervisorctl]
-serverurl=unix://{sock}
-
-[include]
-files = {conf_d}/*.conf
-""")
+    conf = write_host_supervisord_conf(system)
+    conf_d, sock = system / "conf.d", system / "supervisor.sock"
     log = (system / "supervisord.out").open("wb")
     supervisord = reaper.popen([str(VENV_BIN / "supervisord"), "-n", "-c", str(conf)], cwd=system,
                                stdout=log, stderr=subprocess.STDOUT)

@@ -10,7 +10,7 @@ from pathlib import Path
 import psutil
 import pytest
 
-from tests.support import REPO_ROOT, is_alive, wait_until
+from tests.support import REPO_ROOT, is_alive, wait_until, write_host_supervisord_conf
 
 pytestmark = pytest.mark.slow
 
@@ -107,24 +107,8 @@ def test_start_status_update_stop(stack):
 def test_include_mode_on_a_host_supervisord(tmp_path, reaper):
     """`bin/render-config <env> && supervisorctl start all` on a host whose supervisord reads conf.d."""
     host = tmp_path / "host"
-    conf_d = host / "conf.d"
-    conf_d.mkdir(parents=True)
-    sock = host / "supervisor.sock"
-    host_conf = host / "supervisord.conf"
-    host_conf.write_text(textwrap.dedent(f"""\
-        [unix_http_server]
-        file={sock}
-        chmod=0700
-        [supervisord]
-        logfile={host}/supervisord.log
-        pidfile={host}/supervisord.pid
-        [rpcinterface:supervisor]
-        supervisor.rpcinterface_factory = supervisor.rpcinterface:make_main_rpcinterface
-        [supervisorctl]
-        serverurl=unix://{sock}
-        [include]
-        files = {conf_d}/*.conf
-        """))
+    host_conf = write_host_supervisord_conf(host)
+    conf_d, sock = host / "conf.d", host / "supervisor.sock"
     subprocess.run([SUPERVISORD, "-c", str(host_conf)], check=True, timeout=30)
     pid = int(wait_until(lambda: (host / "supervisord.pid").exists() and (host / "supervisord.pid").read_text().strip(), 10))
     reaper.track(pid)

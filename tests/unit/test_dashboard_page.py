@@ -275,6 +275,7 @@ def test_every_resource_plot_is_fed_by_one_stream_and_a_gone_process_is_a_gap(ru
     assert {"t", "host_cpu", "cpu:trainer", "rss_mb:trainer", "gpu_util:0", "gpu_mem_pct:1"} <= set(src.data)
     assert list(src.data["rss_mb:trainer"]) == [300.0] and view.gpu.visible is True
     assert "trainer" in view.resources_key.text and "GPU 1 H200" in view.resources_key.text
+    assert view.gpu_note.text == "GPU 0: 60 °C, 400 W · GPU 1: 40 °C, 90 W"
     events = []
     doc.on_change(lambda e: events.append(e))
     sampler.procs = {me: ProcessSample(me, False, 1.0, 0, 0.0, 0)}  # the trainer died
