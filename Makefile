@@ -39,7 +39,7 @@ lint: venv
 	@cd ansible && ../.venv/bin/ansible-lint --profile production -q .
 
 schema: venv  ## regenerate configs/schema.json and docs/configuration.md from the config model
-	@$(PY) -m keel.schema --write
+	@$(PY) -m keel.config.schema --write
 
 golden: venv  ## regenerate tests/golden/ from configs/ (review the diff)
 	@$(PY) -m tests.golden_update

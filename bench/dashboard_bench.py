@@ -46,8 +46,8 @@ TARGETS = {"refresh_p95_ms": 50.0, "idle_cpu_percent": 2.0, "rss_growth_percent"
 def writer_main(run_dir: str, n: int, rate: float) -> None:
     """N trainers in one process: every second, `rate` metrics records and one progress per stream."""
     sys.path.insert(0, str(REPO))
-    from keel.models import State
-    from keel.reporter import ProcessReporter
+    from keel.status.models import State
+    from keel.status.reporter import ProcessReporter
 
     stop: list[int] = []
     signal.signal(signal.SIGTERM, lambda *_: stop.append(1))

@@ -31,7 +31,7 @@ def _serve(cfg: Any, ready: threading.Event, failure: list[BaseException]) -> No
 
     from dashboard.collector import Collector
     from dashboard.server import build_server
-    from keel.reporter import ProcessReporter
+    from keel.status.reporter import ProcessReporter
 
     silence(MISSING_RENDERERS, True)
     loop = asyncio.new_event_loop()

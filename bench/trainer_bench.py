@@ -34,8 +34,8 @@ sys.path.insert(0, str(REPO))
 
 import torch  # noqa: E402
 
-from keel.reporter import ProcessReporter  # noqa: E402
-from keel.resources import prepare_process_dirs  # noqa: E402
+from keel.status.reporter import ProcessReporter  # noqa: E402
+from keel.host.resources import prepare_process_dirs  # noqa: E402
 from trainer import job  # noqa: E402
 from trainer.checkpoint import CheckpointStore  # noqa: E402
 from trainer.run import Run  # noqa: E402

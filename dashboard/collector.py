@@ -2,7 +2,7 @@
 
 Every ``refresh`` seconds the collector runs its blocking reads (status scan,
 metrics and events tails, resource sampling, log tails, its own status write)
-through ``keel.aio.BlockingRunner``, off the event loop and with a timeout each.
+through ``dashboard.aio.BlockingRunner``, off the event loop and with a timeout each.
 A read that fails or hangs becomes an entry in ``errors`` (shown on the page);
 the loop goes on. The results are applied on the event loop thread only, so the
 browser sessions (same loop) read the histories without locks.
@@ -21,10 +21,10 @@ from datetime import datetime, timezone
 from pathlib import Path
 from typing import Any, Callable
 
-from keel.aio import BlockingRunner, TaskSet, sleep_until_or_stop
-from keel.models import DashboardState, ProcessStatus, State
-from keel.resources import ResourceSample, ResourceSampler
-from keel.statusfile import JsonlTail, ReadError, Stale, StatusReader
+from dashboard.aio import BlockingRunner, TaskSet, sleep_until_or_stop
+from keel.status.models import DashboardState, ProcessStatus, State
+from keel.host.resources import ResourceSample, ResourceSampler
+from keel.status.files import JsonlTail, ReadError, Stale, StatusReader
 
 from dashboard.config import DashboardConfig
 from dashboard.history import History

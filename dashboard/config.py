@@ -13,7 +13,7 @@ from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any
 
-from keel.netaddr import is_loopback
+from keel.config.netaddr import is_loopback
 
 
 class ConfigError(ValueError):

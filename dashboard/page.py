@@ -18,8 +18,8 @@ from bokeh.models import ColumnDataSource, CustomJS, DataTable, Div, Line, Scatt
 from bokeh.palettes import Category10_10
 from bokeh.plotting import figure
 
-from keel.models import ProcessStatus
-from keel.statusfile import ReadError, Stale
+from keel.status.models import ProcessStatus
+from keel.status.files import ReadError, Stale
 
 from dashboard.collector import RESOURCE_COLUMNS, Collector, gpu_column, proc_column
 from dashboard.present import (

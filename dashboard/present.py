@@ -12,8 +12,8 @@ from dataclasses import dataclass
 from datetime import datetime
 from typing import Any, Iterable, Mapping
 
-from keel.models import ProcessStatus, State, TrainingStatus
-from keel.statusfile import ReadError, Stale
+from keel.status.models import ProcessStatus, State, TrainingStatus
+from keel.status.files import ReadError, Stale
 
 from dashboard.config import ProcessInfo
 

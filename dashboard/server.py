@@ -25,7 +25,7 @@ from bokeh.core.validation.warnings import MISSING_RENDERERS
 from bokeh.server.server import Server
 
 from keel.logs import setup_logging
-from keel.reporter import ProcessReporter
+from keel.status.reporter import ProcessReporter
 
 from dashboard.auth import PasswordAuth, load_hash
 from dashboard.collector import Collector

@@ -11,9 +11,9 @@ from __future__ import annotations
 import shutil
 from pathlib import Path
 
-from keel.config import load_config
-from keel.render import RenderedFile, render
-from keel.resolve import Context
+from keel.config.load import load_config
+from keel.render.templates import RenderedFile, render
+from keel.render.resolve import Context
 
 REPO = Path(__file__).resolve().parent.parent
 GOLDEN = REPO / "tests" / "golden"

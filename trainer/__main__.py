@@ -23,9 +23,9 @@ import uuid
 from typing import Any, Callable, Sequence
 
 from keel.logs import setup_logging
-from keel.models import State
-from keel.reporter import ProcessReporter
-from keel.resources import allocate_gpus, prepare_process_dirs
+from keel.status.models import State
+from keel.status.reporter import ProcessReporter
+from keel.host.resources import allocate_gpus, prepare_process_dirs
 
 from trainer import distributed
 from trainer.sdnotify import Notifier

@@ -19,7 +19,7 @@ from typing import Any, Callable
 
 import torch
 
-from keel.atomic import atomic_write
+from keel.fs.atomic import atomic_write
 
 PREFIX = "ckpt-"
 SUFFIX = ".pt"

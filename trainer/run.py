@@ -21,7 +21,7 @@ import uuid
 from pathlib import Path
 from typing import Any, Callable
 
-from keel.models import State
+from keel.status.models import State
 
 from trainer import signals
 from trainer.checkpoint import CheckpointStore

@@ -72,8 +72,8 @@ def main(argv: list[str] | None = None) -> int:
         return 0
 
     # Imported only now, so that --mode crash exits within milliseconds (before supervisord's startsecs).
-    from keel.models import State
-    from keel.reporter import ProcessReporter
+    from keel.status.models import State
+    from keel.status.reporter import ProcessReporter
 
     signal.signal(signal.SIGTERM, lambda *_: stop.set())
     hang_now = threading.Event()

@@ -75,8 +75,8 @@ def write_config(root: Path, port: int, *, address: str = "127.0.0.1", origins: 
 def run_writer(run_dir: str, name: str = "trainer", interval: float = 0.05, log_file: str | None = None,
                work_ms: float = 0.0) -> None:
     """A stand-in trainer: one step every `interval` s through the real ProcessReporter, until SIGTERM."""
-    from keel.models import State
-    from keel.reporter import ProcessReporter
+    from keel.status.models import State
+    from keel.status.reporter import ProcessReporter
 
     stop = []
     signal.signal(signal.SIGTERM, lambda *_: stop.append(1))
@@ -316,7 +316,7 @@ def test_sigkill_of_the_dashboard_leaves_the_trainer_alone(tmp_path, reaper):
     assert 0.5 < after / with_dash < 2.5, (with_dash, after)
     assert is_alive(writer.pid)
     # the trainer's files are intact: a valid snapshot, whole metrics lines, no temp files
-    from keel.statusfile import StatusReader
+    from keel.status.files import StatusReader
 
     st = StatusReader(tmp_path / "run").read("trainer")
     assert st and st.state.value == "running"

@@ -46,7 +46,7 @@ def test_relative_links_resolve(doc):
 
 
 def test_config_reference_and_schema_are_fresh():
-    done = subprocess.run([str(REPO_ROOT / ".venv" / "bin" / "python"), "-m", "keel.schema", "--check"],
+    done = subprocess.run([str(REPO_ROOT / ".venv" / "bin" / "python"), "-m", "keel.config.schema", "--check"],
                           capture_output=True, text=True, cwd=REPO_ROOT)
     assert done.returncode == 0, done.stderr + " (run `make schema`)"
 

@@ -9,8 +9,8 @@ from pathlib import Path
 
 import pytest
 
-from keel.models import ProcessStatus
-from keel.statusfile import StatusReader, StatusWriter
+from keel.status.models import ProcessStatus
+from keel.status.files import StatusReader, StatusWriter
 from tests.integration.test_status_torture import fork
 from tests.support import is_alive
 from tests.unit.test_statusfile import make_status

@@ -18,8 +18,8 @@ from pathlib import Path
 
 import pytest
 
-from keel.models import ProcessStatus, State
-from keel.statusfile import JsonlTail, JsonlWriter, StatusReader, StatusWriter
+from keel.status.models import ProcessStatus, State
+from keel.status.files import JsonlTail, JsonlWriter, StatusReader, StatusWriter
 from tests.support import is_alive
 
 pytestmark = pytest.mark.slow

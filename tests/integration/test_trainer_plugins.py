@@ -9,7 +9,7 @@ import time
 
 import pytest
 
-from keel.models import State
+from keel.status.models import State
 from tests.integration.trainer_fixtures import start_trainer, write_config
 from trainer.checkpoint import CheckpointStore
 

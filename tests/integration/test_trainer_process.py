@@ -10,7 +10,7 @@ import time
 import pytest
 import torch
 
-from keel.models import State
+from keel.status.models import State
 from tests.integration.trainer_fixtures import gone, start_trainer, write_config
 from tests.support import wait_until
 from trainer.checkpoint import CheckpointStore, checkpoint_name

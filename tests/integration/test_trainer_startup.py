@@ -6,7 +6,7 @@ import json
 
 import pytest
 
-from keel.models import State
+from keel.status.models import State
 from tests.integration.trainer_fixtures import start_trainer, write_config
 
 pytestmark = pytest.mark.slow

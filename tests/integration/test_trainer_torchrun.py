@@ -8,7 +8,7 @@ from pathlib import Path
 
 import pytest
 
-from keel.models import State
+from keel.status.models import State
 from tests.integration.trainer_fixtures import gone, start_trainer, write_config
 from tests.support import PYTHON, wait_until
 from trainer.checkpoint import CheckpointStore

@@ -19,9 +19,9 @@ from pathlib import Path
 import psutil
 import pytest
 
-from keel.models import ProcessStatus, State
-from keel.resources import prepare_process_dirs
-from keel.statusfile import StatusReader, StatusWriter
+from keel.status.models import ProcessStatus, State
+from keel.host.resources import prepare_process_dirs
+from keel.status.files import StatusReader, StatusWriter
 from tests.integration.test_watchdog_fixtures import SUPERVISORD, info, short_dir, stop_supervisord
 from tests.support import PYTHON, REPO_ROOT, is_alive, wait_until
 
@@ -238,7 +238,7 @@ def test_a_status_whose_pid_now_belongs_to_another_process_is_not_signalled(stac
     # A stale status naming the sink's pid with another start time: the writer is gone, its pid reused.
     now = time.monotonic()
     with StatusWriter(s.run_dir, "w1") as w:
-        from keel.models import utc_now
+        from keel.status.models import utc_now
 
         w.write(ProcessStatus(name="w1", kind="command", host="h", pid=sink.pid,
                               pid_start_time=psutil.Process(sink.pid).create_time() - 1000, state=State.RUNNING,

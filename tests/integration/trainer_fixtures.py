@@ -12,7 +12,7 @@ from typing import Any
 
 import psutil
 
-from keel.statusfile import StatusReader
+from keel.status.files import StatusReader
 from tests.support import PYTHON, REPO_ROOT, ProcessReaper
 
 

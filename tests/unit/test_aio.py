@@ -1,4 +1,4 @@
-"""keel.aio: blocking work off the loop with a timeout, and task hygiene."""
+"""dashboard.aio: blocking work off the loop with a timeout, and task hygiene."""
 
 from __future__ import annotations
 
@@ -10,7 +10,7 @@ import time
 
 import pytest
 
-from keel.aio import BlockingRunner, BlockingTimeout, StillRunning, TaskSet, sleep_until_or_stop
+from dashboard.aio import BlockingRunner, BlockingTimeout, StillRunning, TaskSet, sleep_until_or_stop
 
 
 def run(coro):
@@ -43,7 +43,7 @@ def test_exception_is_logged_and_reraised(caplog):
     def boom():
         raise OSError(5, "I/O error")
 
-    with caplog.at_level(logging.ERROR, logger="keel.aio"):
+    with caplog.at_level(logging.ERROR, logger="dashboard.aio"):
         with pytest.raises(OSError):
             run(runner.run(boom, timeout=1, what="read x"))
     rec = [r for r in caplog.records if r.getMessage() == "read x failed"]
@@ -79,7 +79,7 @@ def test_timeout_then_still_running_then_late_outcome_logged(caplog):
         assert runner.busy() == []
         assert await runner.run(lambda: "again", timeout=1, what="scan") == "again"
 
-    with caplog.at_level(logging.INFO, logger="keel.aio"):
+    with caplog.at_level(logging.INFO, logger="dashboard.aio"):
         run(main())
     assert any(getattr(r, "event", "") == "blocking_late_error" and "late failure" in r.getMessage()
                for r in caplog.records)
@@ -105,7 +105,7 @@ def test_no_task_exception_was_never_retrieved(caplog):
         gc.collect()
         await asyncio.sleep(0)
 
-    with caplog.at_level(logging.ERROR, logger="keel.aio"):
+    with caplog.at_level(logging.ERROR, logger="dashboard.aio"):
         run(main())
     gc.collect()
     assert seen == []

@@ -1,4 +1,4 @@
-"""keel.budget.RestartBudget: backoff sequence, jitter bounds, exhaustion, reset, persistence."""
+"""keel.watch.budget.RestartBudget: backoff sequence, jitter bounds, exhaustion, reset, persistence."""
 
 from __future__ import annotations
 
@@ -7,7 +7,7 @@ import random
 import pytest
 from hypothesis import given, settings, strategies as st
 
-from keel.budget import BudgetSettings, Decision, RestartBudget, backoff_delay
+from keel.watch.budget import BudgetSettings, Decision, RestartBudget, backoff_delay
 
 NO_JITTER = BudgetSettings(backoff_initial=1.0, backoff_max=8.0, max_restarts=10, window=1000.0, stable_after=60.0,
                            jitter="none")

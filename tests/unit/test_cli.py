@@ -152,7 +152,7 @@ def test_read_only_output_dir(cfg, read_only_dir):
 
 
 def test_does_not_import_torch_or_bokeh():
-    code = ("import sys; from keel.cli import main; main(['dev', '--check', '-q']); "
+    code = ("import sys; from keel.cli.render_config import main; main(['dev', '--check', '-q']); "
             "bad = [m for m in ('torch', 'bokeh') if m in sys.modules]; print(bad); sys.exit(1 if bad else 0)")
     done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, cwd=REPO_ROOT)
     assert done.returncode == 0, done.stdout + done.stderr

@@ -8,7 +8,7 @@ from pathlib import Path
 
 import pytest
 
-from keel.config import ConfigError, deep_merge, load_config
+from keel.config.load import ConfigError, deep_merge, load_config
 from tests.support import REPO_ROOT
 
 

@@ -1,4 +1,4 @@
-"""keel.control: the fake, retries, systemd against a stub systemctl, supervisord for real."""
+"""keel.control.backends: the fake, retries, systemd against a stub systemctl, supervisord for real."""
 
 from __future__ import annotations
 
@@ -9,7 +9,7 @@ from pathlib import Path
 
 import pytest
 
-from keel.control import (
+from keel.control.backends import (
     BackendUnavailable,
     ControlError,
     FakeBackend,

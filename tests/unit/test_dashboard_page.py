@@ -15,10 +15,10 @@ import pytest
 from bokeh.document import Document
 from bokeh.document.events import ColumnDataChangedEvent, ColumnsPatchedEvent, ColumnsStreamedEvent
 
-from keel.models import State
-from keel.resources import GpuSample, HostSample, ProcessSample, ResourceSample
-from keel.reporter import ProcessReporter
-from keel.statusfile import JsonlWriter
+from keel.status.models import State
+from keel.host.resources import GpuSample, HostSample, ProcessSample, ResourceSample
+from keel.status.reporter import ProcessReporter
+from keel.status.files import JsonlWriter
 
 from dashboard.collector import Collector, RunDirReader
 from dashboard.config import ProcessInfo, parse_config
@@ -240,7 +240,7 @@ print(json.dumps(sorted(sys.modules)))
     out = subprocess.run([PYTHON, "-c", code], capture_output=True, text=True, cwd=REPO_ROOT, env=env, timeout=120)
     assert out.returncode == 0, out.stderr
     mods = json.loads(out.stdout.strip().splitlines()[-1])
-    assert "bokeh" in mods and "keel.resources" in mods  # the control: we did load the app
+    assert "bokeh" in mods and "keel.host.resources" in mods  # the control: we did load the app
     assert not [m for m in mods if m == "torch" or m.startswith(("torch.", "trainer"))]
 
 

@@ -6,8 +6,8 @@ from datetime import datetime, timedelta, timezone
 
 import pytest
 
-from keel.models import ProcessStatus, State, TrainingStatus
-from keel.statusfile import Corrupt, Missing, Stale, TooLarge, Unreadable, UnknownVersion
+from keel.status.models import ProcessStatus, State, TrainingStatus
+from keel.status.files import Corrupt, Missing, Stale, TooLarge, Unreadable, UnknownVersion
 
 from dashboard.config import ProcessInfo
 from dashboard.present import (

@@ -1,4 +1,4 @@
-"""keel.health: every verdict, from hand-made statuses and samples (no clock, no processes)."""
+"""keel.watch.health: every verdict, from hand-made statuses and samples (no clock, no processes)."""
 
 from __future__ import annotations
 
@@ -6,10 +6,10 @@ from datetime import datetime, timedelta, timezone
 
 import pytest
 
-from keel.health import Context, Identity, Level, evaluate, identity, worst
-from keel.models import ProcessStatus, State, TrainingStatus
-from keel.resources import HostSample, ProcessSample, ResourceSample
-from keel.statusfile import Corrupt, Missing, Stale
+from keel.watch.health import Context, Identity, Level, evaluate, identity, worst
+from keel.status.models import ProcessStatus, State, TrainingStatus
+from keel.host.resources import HostSample, ProcessSample, ResourceSample
+from keel.status.files import Corrupt, Missing, Stale
 
 PID, START = 4242, 1_700_000_000.25
 NOW = 10_000.0

@@ -10,7 +10,7 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from keel.models import (
+from keel.status.models import (
     SCHEMA_VERSION,
     DashboardState,
     ProcessStatus,

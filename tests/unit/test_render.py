@@ -11,10 +11,10 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 from supervisor.options import ServerOptions
 
-from keel.config import load_config
-from keel.configmodel import KeelConfig
-from keel.render import RenderError, render, sd_command, sd_environment
-from keel.resolve import Context
+from keel.config.load import load_config
+from keel.config.model import KeelConfig
+from keel.render.templates import RenderError, render, sd_command, sd_environment
+from keel.render.resolve import Context
 from tests.golden_update import BACKENDS, ENVIRONMENTS, GOLDEN, golden_name, golden_render
 from tests.support import REPO_ROOT
 

@@ -7,9 +7,9 @@ from datetime import datetime, timedelta, timezone
 
 import pytest
 
-from keel.models import ProcessStatus, State, TrainingStatus
-from keel.reporter import ProcessReporter
-from keel.statusfile import JsonlTail, StatusReader
+from keel.status.models import ProcessStatus, State, TrainingStatus
+from keel.status.reporter import ProcessReporter
+from keel.status.files import JsonlTail, StatusReader
 from tests.support import wait_until
 
 
@@ -86,7 +86,7 @@ def test_heartbeat_and_main_thread_write_concurrently(tmp_path):
 
 
 def test_heartbeat_survives_a_failing_beat_and_stops_cleanly():
-    from keel.statusfile import Heartbeat
+    from keel.status.files import Heartbeat
 
     calls = []
 

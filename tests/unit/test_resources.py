@@ -1,4 +1,4 @@
-"""keel.resources: process-tree sampling, NVML degradation, auto:N GPU allocation, process dirs."""
+"""keel.host.resources: process-tree sampling, NVML degradation, auto:N GPU allocation, process dirs."""
 
 from __future__ import annotations
 
@@ -13,7 +13,7 @@ import psutil
 import pynvml
 import pytest
 
-from keel.resources import (
+from keel.host.resources import (
     GpuAllocationTimeout,
     gpus_for_process,
     NotEnoughGpus,
@@ -253,7 +253,7 @@ _ALLOC_SCRIPT = """
 import sys, time, pathlib
 sys.path.insert(0, {root!r})
 from tests.unit.test_resources import FakeNvml
-from keel.resources import allocate_gpus
+from keel.host.resources import allocate_gpus
 go = pathlib.Path({go!r})
 while not go.exists():
     time.sleep(0.001)

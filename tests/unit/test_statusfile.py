@@ -16,8 +16,8 @@ import pytest
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
-from keel.models import ProcessStatus, State, TrainingStatus, encode_status
-from keel.statusfile import (
+from keel.status.models import ProcessStatus, State, TrainingStatus, encode_status
+from keel.status.files import (
     Corrupt,
     Missing,
     Stale,
@@ -168,7 +168,7 @@ def test_symlink_at_target_is_replaced_not_followed(tmp_path):
 
 
 def test_symlink_at_temp_path_is_not_followed(tmp_path, monkeypatch):
-    import keel.statusfile as sf
+    import keel.status.files as sf
 
     victim = tmp_path / "victim.txt"
     victim.write_bytes(b"precious")
@@ -202,7 +202,7 @@ def test_writer_start_removes_only_its_dead_temps(tmp_path):
 
 
 def test_temp_names_never_match_reader_globs():
-    from keel.statusfile import _temp_prefix
+    from keel.status.files import _temp_prefix
 
     tmp = f"{_temp_prefix('trainer')}123.abcd0123"
     assert not fnmatch.fnmatch(tmp, "*.status.json") and not fnmatch.fnmatch(tmp, "*.jsonl")

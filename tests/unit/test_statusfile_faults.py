@@ -18,8 +18,8 @@ from pathlib import Path
 
 import pytest
 
-from keel.models import State
-from keel.statusfile import JsonlTail, JsonlWriter, OsOps, StatusReader, StatusWriteError, StatusWriter
+from keel.status.models import State
+from keel.status.files import JsonlTail, JsonlWriter, OsOps, StatusReader, StatusWriteError, StatusWriter
 from tests.unit.test_statusfile import make_status
 
 FAULTY = ("open", "write", "fsync", "close", "replace")

@@ -7,7 +7,7 @@ import os
 import threading
 from datetime import datetime, timezone
 
-from keel.statusfile import EVENTS_FILE, JsonlTail, JsonlWriter, encode_record
+from keel.status.files import EVENTS_FILE, JsonlTail, JsonlWriter, encode_record
 
 
 def steps(records):

@@ -9,10 +9,10 @@ import signal
 
 import pytest
 
-from keel.models import State
-from keel.reporter import ProcessReporter
-from keel.resources import prepare_process_dirs
-from keel.statusfile import StatusReader
+from keel.status.models import State
+from keel.status.reporter import ProcessReporter
+from keel.host.resources import prepare_process_dirs
+from keel.status.files import StatusReader
 from tests.integration.trainer_fixtures import write_config
 from trainer.checkpoint import CheckpointStore
 from trainer.run import NonFiniteLoss, Run

@@ -1,4 +1,4 @@
-"""keel.watchdog with a fake clock and the fake backend: decisions, budget, persistence, events, metrics, alerts."""
+"""keel.watch.watchdog with a fake clock and the fake backend: decisions, budget, persistence, events, metrics, alerts."""
 
 from __future__ import annotations
 
@@ -14,12 +14,12 @@ import psutil
 import pytest
 from prometheus_client.parser import text_string_to_metric_families
 
-from keel.alerts import AlertHook, run_alert_command
-from keel.control import BackendUnavailable, FakeBackend
-from keel.models import ProcessStatus, State
-from keel.resources import ResourceSampler
-from keel.statusfile import StatusReader, StatusWriter
-from keel.watchdog import EVENTS_FILE, STATE_FILE, Watchdog, WatchdogSettings
+from keel.watch.alerts import AlertHook, run_alert_command
+from keel.control.backends import BackendUnavailable, FakeBackend
+from keel.status.models import ProcessStatus, State
+from keel.host.resources import ResourceSampler
+from keel.status.files import StatusReader, StatusWriter
+from keel.watch.watchdog import EVENTS_FILE, STATE_FILE, Watchdog, WatchdogSettings
 from tests.support import is_alive, wait_until
 
 ME = os.getpid()

@@ -14,8 +14,8 @@ import os
 from dataclasses import dataclass
 from pathlib import Path
 
-from keel.atomic import atomic_write_text
-from keel.render import RenderedFile
+from keel.fs.atomic import atomic_write_text
+from keel.render.templates import RenderedFile
 
 
 class OutputError(OSError):

@@ -16,7 +16,7 @@ import json
 import sys
 import time
 
-from keel.launch import stack_path
+from keel.cli.launch import stack_path
 
 _COLOURS = {"ok": "\033[32m", "starting": "\033[36m", "degraded": "\033[33m", "unhealthy": "\033[31m", "stopped": "\033[2m"}
 
@@ -67,10 +67,10 @@ def main(argv: list[str] | None = None) -> int:
                         help="poll until every process is healthy or SECONDS pass (exit 0 or 1)")
     args = parser.parse_args(argv)
 
-    from keel.control import backend_for
-    from keel.resources import ResourceSampler
-    from keel.stackview import StackFileError, all_healthy, collect, load_stack
-    from keel.statusfile import StatusReader
+    from keel.control.backends import backend_for
+    from keel.host.resources import ResourceSampler
+    from keel.stack.view import StackFileError, all_healthy, collect, load_stack
+    from keel.status.files import StatusReader
 
     try:
         stack = load_stack(stack_path(args.env))

@@ -26,8 +26,8 @@ from typing import Any, Callable, Iterable
 
 import psutil
 
-from keel.models import Payload, ProcessStatus, State, payload_for, to_utc, utc_now
-from keel.statusfile import METRICS_SUFFIX, Durability, Heartbeat, JsonlWriter, StatusWriter
+from keel.status.models import Payload, ProcessStatus, State, payload_for, to_utc, utc_now
+from keel.status.files import METRICS_SUFFIX, Durability, Heartbeat, JsonlWriter, StatusWriter
 
 
 class ProcessReporter:

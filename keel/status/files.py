@@ -30,7 +30,7 @@ from datetime import date, datetime, timezone
 from pathlib import Path
 from typing import Any, Callable, Literal
 
-from keel.models import (
+from keel.status.models import (
     ProcessStatus,
     StatusDecodeError,
     UnknownVersionError,

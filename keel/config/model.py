@@ -24,7 +24,7 @@ from pydantic import (
     model_validator,
 )
 
-from keel.units import format_duration, format_size, parse_duration, parse_size
+from keel.config.quantities import format_duration, format_size, parse_duration, parse_size
 
 NAME_PATTERN = r"^[a-z][a-z0-9_-]*$"
 KINDS = ("trainer", "dashboard", "watchdog", "command")

@@ -6,7 +6,7 @@
     bin/launch status dev [--json]
     bin/launch logs dev trainer [-f]
 
-Every command works from keel.json (rendered by `up`) through keel.control, so
+Every command works from keel.json (rendered by `up`) through keel.control.backends, so
 the supervisord and systemd backends share this code.
 """
 
@@ -23,8 +23,8 @@ from typing import Any
 
 import psutil
 
-from keel.cli import build_root, make_dirs, render_environment, stack_of, supervisorctl
-from keel.config import ConfigError
+from keel.cli.render_config import build_root, make_dirs, render_environment, stack_of, supervisorctl
+from keel.config.load import ConfigError
 
 SUPERVISORD = str(Path(sys.executable).parent / "supervisord")
 
@@ -42,7 +42,7 @@ def say(message: str) -> None:
 
 def render_env(env: str, config_dir: Path | None, overrides: list[str], backend: str | None = None) -> dict[str, Any]:
     """Validate and render like bin/render-config; return keel.json. A bad config raises ConfigError, writes nothing."""
-    from keel.writer import write_files
+    from keel.render.writer import write_files
 
     _, _, files, build_dir = render_environment(env, config_dir, overrides, backend)
     write_files(files, build_dir)
@@ -123,10 +123,10 @@ def kill_processes(procs: list[psutil.Process], timeout: float = 10.0) -> None:
 
 
 def wait_healthy(stack: dict[str, Any], timeout: float, quiet: bool = False) -> tuple[bool, list]:
-    from keel.control import backend_for
-    from keel.resources import ResourceSampler
-    from keel.stackview import all_healthy, collect
-    from keel.statusfile import StatusReader
+    from keel.control.backends import backend_for
+    from keel.host.resources import ResourceSampler
+    from keel.stack.view import all_healthy, collect
+    from keel.status.files import StatusReader
 
     backend = backend_for(stack, timeout=10.0)
     reader, sampler = StatusReader(stack["paths"]["run_dir"]), ResourceSampler()
@@ -248,7 +248,7 @@ def _up_include(stack: dict[str, Any], args: argparse.Namespace) -> int:
 
 
 def _up_systemd(stack: dict[str, Any], args: argparse.Namespace) -> int:
-    from keel.atomic import atomic_write_text
+    from keel.fs.atomic import atomic_write_text
 
     unit_dir = Path(stack["control"]["unit_dir"])
     build_units = Path(stack["paths"]["build_dir"]) / "systemd"
@@ -267,7 +267,7 @@ def _up_systemd(stack: dict[str, Any], args: argparse.Namespace) -> int:
 
 
 def cmd_down(args: argparse.Namespace) -> int:
-    from keel.stackview import StackFileError, load_stack
+    from keel.stack.view import StackFileError, load_stack
 
     try:
         stack = load_stack(stack_path(args.env))
@@ -314,16 +314,16 @@ def cmd_down(args: argparse.Namespace) -> int:
 
 
 def _backend(env: str):
-    from keel.control import backend_for
-    from keel.stackview import load_stack
+    from keel.control.backends import backend_for
+    from keel.stack.view import load_stack
 
     stack = load_stack(stack_path(env))
     return stack, backend_for(stack)
 
 
 def cmd_restart(args: argparse.Namespace) -> int:
-    from keel.control import ControlError
-    from keel.stackview import StackFileError
+    from keel.control.backends import ControlError
+    from keel.stack.view import StackFileError
 
     try:
         stack, backend = _backend(args.env)
@@ -340,8 +340,8 @@ def cmd_restart(args: argparse.Namespace) -> int:
 
 
 def cmd_logs(args: argparse.Namespace) -> int:
-    from keel.logview import follow_log
-    from keel.stackview import StackFileError, load_stack
+    from keel.cli.logview import follow_log
+    from keel.stack.view import StackFileError, load_stack
 
     try:
         stack = load_stack(stack_path(args.env))
@@ -359,7 +359,7 @@ def cmd_logs(args: argparse.Namespace) -> int:
 
 
 def cmd_status(args: argparse.Namespace) -> int:
-    from keel import statuscmd
+    from keel.cli import status as statuscmd
 
     return statuscmd.main([args.env] + (["--json"] if args.json else []) + (["--watch"] if args.watch else []))
 

@@ -21,7 +21,7 @@ from typing import Callable, Sequence
 
 __all__ = ["AlertHook", "AlertResult", "run_alert_command"]
 
-log = logging.getLogger("keel.alerts")
+log = logging.getLogger("keel.watch.alerts")
 
 
 class AlertResult(dict):

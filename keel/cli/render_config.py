@@ -20,9 +20,9 @@ import subprocess
 import sys
 from pathlib import Path
 
-from keel.config import ConfigError, LoadedConfig, display_path, load_config
+from keel.config.load import ConfigError, LoadedConfig, display_path, load_config
 
-CODE_DIR = Path(__file__).resolve().parent.parent
+CODE_DIR = Path(__file__).resolve().parents[2]
 
 
 def build_root() -> Path:
@@ -106,8 +106,8 @@ def render_environment(
     (with file:line) for a bad config and for a value the target format cannot carry.
     """
     # Imported here: loading and validating must stay fast and light for --check.
-    from keel.render import RenderError, render
-    from keel.resolve import Context
+    from keel.render.templates import RenderError, render
+    from keel.render.resolve import Context
 
     overrides = list(overrides) + ([f"backend={backend}"] if backend else [])
     loaded = load_config(env, _config_dir(argparse.Namespace(config_dir=config_dir)), overrides)
@@ -140,7 +140,7 @@ def main(argv: list[str] | None = None) -> int:
         print(f"render-config: {exc}", file=sys.stderr)
         return 2
 
-    from keel.writer import diff_files, write_files
+    from keel.render.writer import diff_files, write_files
 
     config = loaded.config
     backend = ctx.backend

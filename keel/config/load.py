@@ -22,7 +22,7 @@ from typing import Any, get_args
 import yaml
 from pydantic import BaseModel, ValidationError
 
-from keel.configmodel import KINDS, NAME_PATTERN, KeelConfig
+from keel.config.model import KINDS, NAME_PATTERN, KeelConfig
 
 PathKey = tuple[str | int, ...]
 
@@ -240,7 +240,7 @@ def _message(error: dict[str, Any], data: dict[str, Any], path: PathKey) -> str:
 
 
 def _allowed_keys(parent: PathKey, data: dict[str, Any]) -> list[str]:
-    from keel.configmodel import CommandProcess, DashboardProcess, TrainerProcess, WatchdogProcess
+    from keel.config.model import CommandProcess, DashboardProcess, TrainerProcess, WatchdogProcess
 
     by_kind = {"trainer": TrainerProcess, "dashboard": DashboardProcess, "watchdog": WatchdogProcess, "command": CommandProcess}
     model: Any = KeelConfig
@@ -281,7 +281,7 @@ def cross_field_errors(config: KeelConfig) -> list[tuple[PathKey, str]]:
     """Checks that span processes: names, GPU and port conflicts, GPUs on the wrong kinds, backend needs."""
     import re
 
-    from keel.netaddr import is_loopback
+    from keel.config.netaddr import is_loopback
 
     errors: list[tuple[PathKey, str]] = []
     gpu_owner: dict[int, str] = {}

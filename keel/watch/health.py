@@ -27,9 +27,9 @@ from dataclasses import dataclass
 from enum import Enum
 from typing import Any
 
-from keel.models import ProcessStatus, State
-from keel.resources import ProcessSample, ResourceSample
-from keel.statusfile import ReadError, Stale
+from keel.status.models import ProcessStatus, State
+from keel.host.resources import ProcessSample, ResourceSample
+from keel.status.files import ReadError, Stale
 
 __all__ = [
     "Context",

@@ -24,7 +24,7 @@ import logging
 import time
 from typing import Any, Callable, Coroutine, TypeVar
 
-log = logging.getLogger("keel.aio")
+log = logging.getLogger("dashboard.aio")
 T = TypeVar("T")
 
 

@@ -19,8 +19,8 @@ from typing import Any
 
 import jinja2
 
-from keel.configmodel import KeelConfig
-from keel.resolve import (
+from keel.config.model import KeelConfig
+from keel.render.resolve import (
     Context,
     process_command,
     process_environment,
@@ -30,7 +30,7 @@ from keel.resolve import (
     supervisord_socket,
 )
 
-TEMPLATE_DIR = Path(__file__).resolve().parent.parent / "templates"
+TEMPLATE_DIR = Path(__file__).resolve().parents[2] / "templates"
 
 
 class RenderError(ValueError):

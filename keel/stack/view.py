@@ -3,7 +3,7 @@
 It joins the three sources of truth: what the backend says (supervisord/systemd
 state and pid), what each process says about itself (its status file), and what
 the OS says (psutil), and judges each process with the watchdog's own rules
-(keel.health), so `bin/status` and the watchdog never disagree about health.
+(keel.watch.health), so `bin/status` and the watchdog never disagree about health.
 """
 
 from __future__ import annotations
@@ -14,11 +14,11 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
 
-from keel import health
-from keel.control import ControlBackend, ControlError, ProcessInfo
-from keel.models import ProcessStatus
-from keel.resources import ResourceSample, ResourceSampler
-from keel.statusfile import ReadError, StatusReader
+from keel.watch import health
+from keel.control.backends import ControlBackend, ControlError, ProcessInfo
+from keel.status.models import ProcessStatus
+from keel.host.resources import ResourceSample, ResourceSampler
+from keel.status.files import ReadError, StatusReader
 
 
 class StackFileError(ValueError):

@@ -43,8 +43,8 @@ def check_dependencies() -> Finding:
 
 
 def check_config(env: str, config_dir: Path | None) -> tuple[Finding, Any]:
-    from keel.cli import _config_dir
-    from keel.config import ConfigError, load_config
+    from keel.cli.render_config import _config_dir
+    from keel.config.load import ConfigError, load_config
 
     try:
         loaded = load_config(env, _config_dir(argparse.Namespace(config_dir=config_dir)))
@@ -54,9 +54,9 @@ def check_config(env: str, config_dir: Path | None) -> tuple[Finding, Any]:
 
 
 def check_rendered(env: str, config_dir: Path | None) -> Finding:
-    from keel.cli import render_environment
-    from keel.config import ConfigError
-    from keel.writer import diff_files
+    from keel.cli.render_config import render_environment
+    from keel.config.load import ConfigError
+    from keel.render.writer import diff_files
 
     try:
         _, _, files, build_dir = render_environment(env, config_dir)
@@ -100,7 +100,7 @@ def _port_owner(port: int) -> str | None:
 
 
 def check_ports(stack: dict[str, Any]) -> Finding:
-    from keel.launch import stack_processes
+    from keel.cli.launch import stack_processes
 
     ours = {p.pid for p in stack_processes(stack)}
     busy = []
@@ -125,7 +125,7 @@ def check_ports(stack: dict[str, Any]) -> Finding:
 
 
 def check_gpus(stack: dict[str, Any]) -> Finding:
-    from keel.resources import ResourceSampler
+    from keel.host.resources import ResourceSampler
 
     sampler = ResourceSampler()
     sample = sampler.sample([])
@@ -140,8 +140,8 @@ def check_gpus(stack: dict[str, Any]) -> Finding:
 
 
 def check_supervisord(stack: dict[str, Any]) -> list[Finding]:
-    from keel.control import ControlError, backend_for
-    from keel.launch import orphans, supervisord_pid
+    from keel.control.backends import ControlError, backend_for
+    from keel.cli.launch import orphans, supervisord_pid
 
     if stack["backend"] != "supervisord":
         return [Finding("backend", OK, "systemd: see systemctl status " + stack["control"]["target"])]
@@ -197,8 +197,8 @@ def check_clock(stack: dict[str, Any]) -> Finding:
 
 
 def run_checks(env: str, config_dir: Path | None) -> list[Finding]:
-    from keel.launch import stack_path
-    from keel.stackview import StackFileError, load_stack
+    from keel.cli.launch import stack_path
+    from keel.stack.view import StackFileError, load_stack
 
     findings = [check_dependencies()]
     config_finding, loaded = check_config(env, config_dir)

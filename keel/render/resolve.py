@@ -14,7 +14,7 @@ from dataclasses import dataclass
 from pathlib import Path, PurePath
 from typing import Any
 
-from keel.configmodel import KeelConfig, TrainerProcess
+from keel.config.model import KeelConfig, TrainerProcess
 
 FORMAT_VERSION = 1
 
@@ -93,7 +93,7 @@ def process_environment(name: str, proc: Any, paths: dict[str, str], ctx: Contex
         env["CUDA_VISIBLE_DEVICES"] = ""  # never touch CUDA
     elif isinstance(proc.gpus, list):
         env["CUDA_VISIBLE_DEVICES"] = ",".join(str(g) for g in proc.gpus)
-    # auto:N: the trainer picks its GPUs at start (keel.resources.allocate_gpus) and sets it itself.
+    # auto:N: the trainer picks its GPUs at start (keel.host.resources.allocate_gpus) and sets it itself.
     if proc.kind == "trainer":
         env["OMP_NUM_THREADS"] = str(proc.threads)
     for key, value in proc.environment.items():

@@ -140,7 +140,7 @@ class _TimeoutUnixConnection(http.client.HTTPConnection):
 
 
 def _transport(socket_path: str, timeout: float) -> xmlrpc.client.Transport:
-    # Imported here so that importing keel.control stays cheap for tools that never talk to supervisord.
+    # Imported here so that importing keel.control.backends stays cheap for tools that never talk to supervisord.
     from supervisor.xmlrpc import SupervisorTransport
 
     transport = SupervisorTransport(None, None, f"unix://{socket_path}")
