@@ -6,6 +6,6 @@ config was rendered by an earlier release keeps working; the code lives in ``kee
 import sys
 
 if __name__ == "__main__":
-    from keel.watch.watchdog import main
+    from keel.watch.main import main
 
     sys.exit(main())

@@ -1,6 +1,6 @@
 """The watchdog: each poll, read statuses, sample resources, judge, and act through the backend.
 
-``python -m keel.watchdog --config build/<env>/watchdog.json`` (``bin/watchdog``).
+The process around it (arguments, signals, the poll grid) is ``keel.watch.main``.
 
 One poll (``Watchdog.poll_once``):
 
@@ -24,14 +24,10 @@ Time is the injected monotonic ``clock``; wall time only labels events.
 
 from __future__ import annotations
 
-import argparse
 import json
 import logging
-import os
 import random
 import signal
-import sys
-import threading
 import time
 from dataclasses import dataclass, field
 from datetime import datetime, timezone
@@ -41,59 +37,21 @@ from typing import Any, Callable
 from keel.watch.alerts import AlertHook, AlertResult
 from keel.fs.atomic import atomic_write_text
 from keel.watch.budget import BudgetSettings, Decision, RestartBudget
-from keel.control.backends import ControlBackend, ControlError, ProcessInfo, backend_for, retrying
+from keel.control.backends import ControlBackend, ControlError, ProcessInfo, retrying
 from keel.watch.health import Context, HealthVerdict, Identity, Level, evaluate, identity, worst
 from keel.status.models import ProcessStatus, State
 from keel.watch.prom import GpuRow, ProcessRow, write_textfile
 from keel.host.resources import ResourceSample, ResourceSampler
 from keel.status.files import JsonlWriter, ReadError, StatusReader, StatusWriter
+from keel.watch.settings import WatchdogSettings
 
-__all__ = ["Watchdog", "WatchdogSettings", "main"]
+__all__ = ["Watchdog", "WatchdogSettings"]
 
 log = logging.getLogger("keel.watchdog")
 
 EVENTS_FILE = "watchdog.events.jsonl"
 STATE_FILE = "watchdog.state.json"
 STATE_FORMAT = 1
-
-
-@dataclass(frozen=True)
-class WatchdogSettings:
-    """The ``watchdog`` block of the watchdog's resolved file (docs/internals.md)."""
-
-    run_dir: Path
-    stack: Path
-    poll_interval: float = 5.0
-    rss_consecutive_polls: int = 3
-    stable_after: float = 600.0
-    alert_command: list[str] | None = None
-    alert_timeout: float = 10.0
-    prometheus_textfile: Path | None = None
-    # Scrapers read the textfile every 15-60 s; rewriting it more often than this only costs CPU.
-    prometheus_interval: float = 5.0
-    heartbeat_interval: float = 2.0
-    jitter: str = "full"
-
-    @classmethod
-    def from_resolved(cls, resolved: dict) -> WatchdogSettings:
-        w = resolved.get("watchdog", {})
-        run_dir = Path(resolved["paths"]["run_dir"])
-        prom = w.get("prometheus_textfile")
-        alert = w.get("alert") or {}
-        command = alert.get("command")
-        return cls(
-            run_dir=run_dir,
-            stack=Path(w["stack"]),
-            poll_interval=float(w.get("poll_interval", 5.0)),
-            rss_consecutive_polls=int(w.get("rss_consecutive_polls", 3)),
-            stable_after=float(w.get("stable_after", 600.0)),
-            alert_command=[command] if isinstance(command, str) else command,
-            alert_timeout=float(alert.get("timeout", 10.0)),
-            prometheus_textfile=None if not prom else (Path(prom) if os.path.isabs(prom) else run_dir / prom),
-            heartbeat_interval=float(resolved.get("heartbeat_interval", 2.0)),
-            jitter=str(w.get("jitter", "full")),
-            prometheus_interval=float(w.get("prometheus_interval", 5.0)),
-        )
 
 
 @dataclass
@@ -509,13 +467,6 @@ class Watchdog:
         self.events.close()
 
 
-def _mtime(path: Path) -> int | None:
-    try:
-        return path.stat().st_mtime_ns
-    except OSError:
-        return None
-
-
 def _num(value: Any) -> float | None:
     if value is None or isinstance(value, bool):
         return None
@@ -526,88 +477,3 @@ def _num(value: Any) -> float | None:
     except (TypeError, ValueError):
         return None
 
-
-# --------------------------------------------------------------------------- the process
-
-
-def run(watchdog: Watchdog, stop: threading.Event, *, on_poll: Callable[[], None] | None = None) -> None:
-    """Poll every ``poll_interval`` (on a fixed grid, so slow polls do not drift) until ``stop`` is set."""
-    interval = watchdog.settings.poll_interval
-    next_poll = watchdog.clock()
-    while not stop.is_set():
-        try:
-            watchdog.poll_once()
-            watchdog.write_prom()
-            if on_poll is not None:
-                on_poll()
-        except Exception as exc:  # noqa: BLE001 - the watchdog must outlive its own bugs
-            log.exception("poll failed")
-            watchdog.emit(process=None, action="internal_error", reason=f"{type(exc).__name__}: {exc}")
-        next_poll += interval
-        now = watchdog.clock()
-        if next_poll < now:  # we fell behind (a long restart): skip, don't burst
-            next_poll = now + interval
-        stop.wait(next_poll - now)
-
-
-def main(argv: list[str] | None = None) -> int:
-    """``python -m keel.watchdog --config build/<env>/watchdog.json``. Exit 0 on SIGTERM/SIGINT, 2 on bad config."""
-    parser = argparse.ArgumentParser(prog="watchdog", description=__doc__.splitlines()[0])
-    parser.add_argument("--config", required=True, help="the watchdog's resolved file, build/<env>/watchdog.json")
-    args = parser.parse_args(argv)
-
-    from keel.logs import setup_logging  # imported here: no logging set-up at import time
-    from keel.status.models import WatchdogStatus, utc_now
-    from keel.status.reporter import ProcessReporter
-
-    try:
-        resolved = json.loads(Path(args.config).read_text())
-        settings = WatchdogSettings.from_resolved(resolved)
-        stack = json.loads(settings.stack.read_text())
-    except (OSError, ValueError, KeyError) as exc:
-        print(f"watchdog: cannot load configuration: {exc}", file=sys.stderr)
-        return 2
-    logcfg = resolved.get("log", {})
-    setup_logging(resolved.get("name", "watchdog"), fmt=logcfg.get("format", "auto"), level=logcfg.get("level", "INFO"))
-
-    stop = threading.Event()
-    signal.signal(signal.SIGTERM, lambda *_: stop.set())
-    signal.signal(signal.SIGINT, lambda *_: stop.set())
-
-    settings.run_dir.mkdir(parents=True, exist_ok=True)
-    watchdog = Watchdog(stack, settings, backend=backend_for(stack), sampler=ResourceSampler())
-    reporter = ProcessReporter(settings.run_dir, resolved.get("name", "watchdog"), "watchdog",
-                               heartbeat_interval=settings.heartbeat_interval)
-    reporter.start(payload=WatchdogStatus(processes_watched=sorted(watchdog.watched)))
-    reporter.set_state(State.RUNNING)
-    watchdog.emit(process=None, action="started",
-                  reason=f"watching {', '.join(sorted(watchdog.watched)) or 'nothing'} every {settings.poll_interval:g}s")
-
-    stack_mtime = _mtime(settings.stack)
-
-    def on_poll() -> None:
-        nonlocal stack_mtime
-        reporter.progress(last_poll=utc_now(), actions_taken=watchdog.actions_taken)
-        mtime = _mtime(settings.stack)
-        if mtime != stack_mtime:  # bin/render-config rewrote keel.json: follow it without a restart
-            stack_mtime = mtime
-            try:
-                new = json.loads(settings.stack.read_text())
-                watchdog.set_stack(new, backend_for(new))
-                watchdog.emit(process=None, action="stack_reloaded",
-                              reason=f"{settings.stack} changed; watching {', '.join(sorted(watchdog.watched))}")
-            except (OSError, ValueError, KeyError) as exc:
-                watchdog.emit(process=None, action="stack_reload_failed", reason=f"{settings.stack}: {exc}")
-
-    try:
-        run(watchdog, stop, on_poll=on_poll)
-    finally:
-        watchdog.emit(process=None, action="stopped", reason="signal received")
-        watchdog.close()
-        watchdog.sampler.close()
-        reporter.close(State.STOPPED)
-    return 0
-
-
-if __name__ == "__main__":
-    sys.exit(main())
