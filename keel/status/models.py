@@ -158,6 +158,9 @@ class ProcessStatus(BaseModel):
     progress_wall: UtcDatetime | None = None
     progress_mono: float | None = None
     last_error: str | None = None
+    # The status channel degrades, never kills: failed status/metrics writes since start, and the last one's error.
+    write_failures: int = 0
+    last_write_error: str | None = None
     gpus: list[int] = []
     payload: Payload = None
 
