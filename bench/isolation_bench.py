@@ -59,7 +59,7 @@ from typing import Any, Callable
 
 import psutil
 
-from keel.cli.launch import kill_processes
+from keel.stack.processes import kill_processes
 
 REPO = Path(__file__).resolve().parent.parent
 PY = str(REPO / ".venv" / "bin" / "python") if (REPO / ".venv" / "bin" / "python").exists() else sys.executable

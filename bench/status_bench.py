@@ -31,7 +31,8 @@ sys.path.insert(0, str(REPO))
 from filelock import FileLock  # noqa: E402
 
 from keel.status.models import ProcessStatus, State, encode_status  # noqa: E402
-from keel.status.files import StatusReader, StatusWriter  # noqa: E402
+from keel.status.reader import StatusReader  # noqa: E402
+from keel.status.snapshot import StatusWriter  # noqa: E402
 
 T0 = datetime(2026, 11, 28, 12, 0, tzinfo=timezone.utc)
 

@@ -45,8 +45,8 @@ sys.path.insert(0, str(REPO))
 import psutil  # noqa: E402
 
 from keel.status.models import ProcessStatus, State  # noqa: E402
-from keel.host.resources import prepare_process_dirs  # noqa: E402
-from keel.status.files import StatusReader  # noqa: E402
+from keel.host.dirs import prepare_process_dirs  # noqa: E402
+from keel.status.reader import StatusReader  # noqa: E402
 
 PY = sys.executable
 WORKER = f"{PY} {REPO}/tests/integration/standin_worker.py --mode ok"

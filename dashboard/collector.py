@@ -12,9 +12,7 @@ from __future__ import annotations
 
 import asyncio
 import collections
-import json
 import logging
-import os
 import socket
 import time
 from datetime import datetime, timezone
@@ -23,12 +21,16 @@ from typing import Any, Callable
 
 from dashboard.aio import BlockingRunner, TaskSet, sleep_until_or_stop
 from keel.status.models import DashboardState, ProcessStatus, State
-from keel.host.resources import ResourceSample, ResourceSampler
-from keel.status.files import JsonlTail, ReadError, Stale, StatusReader
+from keel.host.sampling import ResourceSample, ResourceSampler
+from keel.status.jsonl_tail import JsonlTail
+from keel.status.reader import StatusReader
+from keel.status.results import ReadError, Stale
 
-from dashboard.config import DashboardConfig
+from dashboard.config import DashboardConfig, ProcessInfo
 from dashboard.history import History
-from dashboard.present import PidCheck, Verdict, error_label, event_line, is_restart, overall, process_rows
+from dashboard.logtail import LogTail
+from dashboard.present import Verdict, error_label, event_line, overall, process_rows
+from keel.watch.verdicts import BY_WATCHDOG, ProcessHealth, health_from_files
 
 log = logging.getLogger("dashboard.collector")
 
@@ -39,6 +41,9 @@ METRIC_COLUMNS = ("step", "loss", "val_loss", "lr", "samples_per_s", "grad_norm"
 RESOURCE_COLUMNS = ("t", "host_cpu", "host_mem_pct")
 PROC_FIELDS = ("cpu", "rss_mb")
 GPU_FIELDS = ("util", "mem_pct", "temp", "power")
+EVENTS_KEPT = 200
+METRICS_PER_CYCLE = 20_000  # catch up on a long file over several cycles, not in one hung read
+STATS_EVERY_S = 30.0  # seconds between "refresh_stats" log lines (the bench reads them)
 
 
 def proc_column(field: str, name: str) -> str:
@@ -49,51 +54,6 @@ def proc_column(field: str, name: str) -> str:
 def gpu_column(field: str, index: int) -> str:
     """The resources column of one GPU's ``field`` (a ``GPU_FIELDS`` member)."""
     return f"gpu_{field}:{index}"
-EVENTS_KEPT = 200
-LOG_TAIL_BYTES = 64 << 10
-METRICS_PER_CYCLE = 20_000  # catch up on a long file over several cycles, not in one hung read
-STATS_EVERY_S = 30.0  # seconds between "refresh_stats" log lines (the bench reads them)
-
-
-class LogTail:
-    """The last lines of a log file, re-read only when its (inode, size, mtime) changed."""
-
-    def __init__(self, path: str, lines: int) -> None:
-        self.path = path
-        self.lines = lines
-        self._key: tuple[int, int, int] | None = None
-        self._cached: list[str] = []
-
-    def read(self) -> list[str]:
-        """The last ``lines`` lines (JSON log records shown as time, level, message)."""
-        try:
-            st = os.stat(self.path)
-        except FileNotFoundError:
-            self._key, self._cached = None, []
-            return [f"(no log file {self.path})"]
-        key = (st.st_ino, st.st_size, st.st_mtime_ns)
-        if key == self._key:
-            return self._cached
-        with open(self.path, "rb") as f:
-            f.seek(max(0, st.st_size - LOG_TAIL_BYTES))
-            data = f.read(LOG_TAIL_BYTES)
-        lines = data.decode("utf-8", "replace").splitlines()
-        if st.st_size > LOG_TAIL_BYTES and lines:
-            lines = lines[1:]  # the first line is probably cut
-        self._cached = [_log_line(x) for x in lines[-self.lines:]] if self.lines else []
-        self._key = key
-        return self._cached
-
-
-def _log_line(line: str) -> str:
-    if line.startswith("{"):
-        try:
-            rec = json.loads(line)
-            ts = str(rec.get("ts", ""))[11:19]
-            return f"{ts} {rec.get('level', '')} {rec.get('message', '')}"[:500]
-        except ValueError:
-            pass
-    return line[:500]
 
 
 class RunDirReader:
@@ -184,7 +144,12 @@ class Collector:
         self.gpu_error: str | None = None
         self.events: collections.deque[tuple[int, str]] = collections.deque(maxlen=EVENTS_KEPT)
         self._event_serial = 0
-        self.restarts: collections.Counter[str] = collections.Counter()
+        # Health is the watchdog's published verdict (keel.watch.verdicts), or judged here with the same rules
+        # when it is not reporting (``watchdog_why`` says why): never counted or judged by rules of our own.
+        self.health: dict[str, ProcessHealth] = {}
+        self.watchdog_why: str = "not read yet"
+        self.sample: ResourceSample | None = None
+        self._runs: dict[str, tuple[int | None, float]] = {}  # process -> (pid, when first seen): startup grace
         self.logs: dict[str, list[str]] = {}
         self.errors: dict[str, str] = {}
         self.rows: dict[str, list] = {}
@@ -196,7 +161,6 @@ class Collector:
         self.cycles = 0
         self.sessions = 0
         self.generation = 0  # bumps after every cycle; sessions skip work when unchanged
-        self._pids: dict[int, PidCheck] = {}
         self._new_errors: dict[str, str] = {}
         self._window: list[float] = []
         self._window_started = mono()
@@ -297,10 +261,9 @@ class Collector:
             if isinstance(r, ReadError) and not isinstance(r, Stale):
                 self._new_errors[f"status {name or 'run dir'}"] = f"{error_label(r)}: {r.detail}"
         self.errors = self._new_errors
-        self.rows, self.verdicts = process_rows(
-            self.cfg.processes, self.statuses, now_mono, now_wall,
-            restarts=self.restarts, pids=self._pids, host=self.host_name,
-        )
+        self._judge(now_mono)
+        self.rows, self.verdicts = process_rows(self.cfg.processes, self.statuses, self.health, now_mono, now_wall,
+                                                host=self.host_name)
         self.overall = overall(self.verdicts, self.errors)
         self.last_refresh_wall, self.last_refresh_mono = now_wall, now_mono
         self.cycles += 1
@@ -362,9 +325,6 @@ class Collector:
 
     def _apply_events(self, events: list[dict]) -> None:
         for rec in events:
-            proc = is_restart(rec)
-            if proc:
-                self.restarts[proc] += 1
             self._event_serial += 1
             self.events.append((self._event_serial, event_line(rec)))
 
@@ -376,7 +336,7 @@ class Collector:
             "host_cpu": host.cpu_percent,
             "host_mem_pct": 100.0 * host.mem_used / host.mem_total if host.mem_total else None,
         }
-        self._pids = {pid: PidCheck(p.alive, p.create_time) for pid, p in sample.processes.items()}
+        self.sample = sample
         for s in self._live_statuses():
             p = sample.processes.get(s.pid)
             if p is None or not p.alive or s.host != self.host_name:
@@ -399,6 +359,25 @@ class Collector:
             row[gpu_column("power", g.index)] = g.power_w
         self.resources.append(row)
 
+    def _judge(self, now_mono: float) -> None:
+        """Every process's health (keel.watch.verdicts), for the stack's processes and other status files."""
+        if self.sample is None:
+            return
+        procs = {p.name: _stack_entry(p) for p in self.cfg.processes}
+        known = {n for p in procs.values() for n in p["status_names"]}
+        for name, r in self.statuses.items():
+            s = r.status if isinstance(r, Stale) else r
+            if name and name not in known:
+                procs[name] = {"kind": s.kind if isinstance(s, ProcessStatus) else "command", "status_names": [name]}
+        for name, p in procs.items():  # a new pid (or none) is a new run: its startup grace starts now
+            first = next((s for s in map(self.statuses.get, p["status_names"]) if isinstance(s, ProcessStatus)), None)
+            pid = first.pid if first is not None else None
+            if self._runs.get(name, (-1, 0.0))[0] != pid:
+                self._runs[name] = (pid, now_mono)
+        since = {name: t if pid is not None else None for name, (pid, t) in self._runs.items()}
+        self.health, why = health_from_files(procs, self.statuses, self.sample, now_mono, since)
+        self.watchdog_why = "" if why == BY_WATCHDOG else why
+
     # -------------------------------------------------------------- queries
 
     def events_since(self, serial: int) -> list[tuple[int, str]]:
@@ -410,3 +389,10 @@ class Collector:
         if self.last_refresh_mono is None:
             return None
         return self._mono() - self.last_refresh_mono
+
+
+def _stack_entry(p: ProcessInfo) -> dict:
+    """A keel.json process entry as keel.watch.health reads it (what dashboard.config keeps of it)."""
+    timeouts = (("heartbeat_timeout", p.heartbeat_timeout), ("progress_timeout", p.progress_timeout),
+                ("startup_grace", p.startup_grace))
+    return {"kind": p.kind, "status_names": list(p.status_names), "health": {k: v for k, v in timeouts if v is not None}}

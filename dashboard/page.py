@@ -19,7 +19,7 @@ from bokeh.palettes import Category10_10
 from bokeh.plotting import figure
 
 from keel.status.models import ProcessStatus
-from keel.status.files import ReadError, Stale
+from keel.status.results import ReadError, Stale
 
 from dashboard.collector import RESOURCE_COLUMNS, Collector, gpu_column, proc_column
 from dashboard.present import (
@@ -31,7 +31,8 @@ log = logging.getLogger("dashboard.page")
 _TABLE_FIELDS = (
     ("name", "process", 130), ("kind", "kind", 70), ("state", "state", 90), ("pid", "pid", 70),
     ("uptime", "uptime", 70), ("restarts", "restarts", 60), ("health", "health", 90),
-    ("heartbeat", "heartbeat age", 90), ("progress", "progress age", 90), ("note", "note", 330),
+    ("heartbeat", "heartbeat age", 90), ("progress", "progress age", 90), ("writes", "failed writes", 80),
+    ("note", "note", 330),
 )
 _OVERALL_LEVEL = {"ok": OK, "degraded": WARN, "failing": BAD}
 # Lines per plot. Every stream is read and listed in the table, but 64 torchrun ranks
@@ -286,6 +287,9 @@ class SessionView:
             # message per refresh for nothing a reader needs.
             fresh = f"live, every {fmt_age(cfg.refresh)}"
         why = f" ({esc(c.overall.note)})" if c.overall.note else ""
+        # Said, not hidden: without the watchdog's report the verdicts are judged here and restarts are unknown.
+        if c.watchdog_why:
+            why += f" · {badge(c.watchdog_why, WARN)}"
         return (
             f"<div style='font-size:120%'><b>{esc(cfg.project)}</b> · {esc(cfg.environment)} · "
             f"{esc(c.host_name)} · health {badge(c.overall.label, level)}{why} · {fresh} · "

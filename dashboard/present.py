@@ -1,7 +1,9 @@
-"""Pure presentation logic: statuses and samples in, table rows and labels out.
+"""Pure presentation logic: statuses and verdicts in, table rows, labels and colours out.
 
-Nothing here touches files, sockets or Bokeh, so every case (each typed read
-error, a stale heartbeat, a dead pid) is a plain unit test.
+Health is never judged here: each process's ``ProcessHealth`` comes from
+``keel.watch.verdicts`` (the watchdog's published verdict, or the same rules run
+locally when it is not reporting); this module maps it to a label and a colour.
+Nothing here touches files, sockets or Bokeh, so every case is a plain unit test.
 """
 
 from __future__ import annotations
@@ -13,7 +15,8 @@ from datetime import datetime
 from typing import Any, Iterable, Mapping
 
 from keel.status.models import ProcessStatus, State, TrainingStatus
-from keel.status.files import ReadError, Stale
+from keel.watch.verdicts import ProcessHealth
+from keel.status.results import ReadError, Stale
 
 from dashboard.config import ProcessInfo
 
@@ -22,6 +25,8 @@ LEVEL_COLOR = {OK: "#1a7f37", WARN: "#b8860b", BAD: "#c62828"}
 GREY = "#9e9e9e"
 TEXT = "#212121"
 DASH = "—"
+# A health word (keel.watch.verdicts.HEALTH_WORDS) to its colour level.
+HEALTH_LEVEL = {"ok": OK, "starting": WARN, "degraded": WARN, "stopped": WARN, "unhealthy": BAD, "failed": BAD}
 
 # Used when keel.json does not say (no stack file): generous, so a slow
 # heartbeat is not shown as a failure by guesswork.
@@ -29,7 +34,7 @@ DEFAULT_HEARTBEAT_TIMEOUT = 30.0
 
 ROW_COLUMNS = (
     "name", "kind", "state", "pid", "uptime", "restarts", "health",
-    "heartbeat", "progress", "note", "color", "health_color",
+    "heartbeat", "progress", "writes", "note", "color", "health_color",
 )
 
 
@@ -82,47 +87,12 @@ class Verdict:
     note: str = ""
 
 
-@dataclass(frozen=True)
-class PidCheck:
-    """What the resource sampler saw of a pid (None: not sampled)."""
-
-    alive: bool
-    create_time: float | None
-
-
-def judge(
-    status: ProcessStatus,
-    info: ProcessInfo | None,
-    now_mono: float,
-    now_wall: datetime,
-    pid: PidCheck | None = None,
-) -> Verdict:
-    """A simple health verdict from ages, state and the process's timeouts in keel.json."""
-    if status.state == State.FAILED:
-        return Verdict("failed", BAD, status.last_error or "")
-    if status.state == State.STOPPED:
-        return Verdict("stopped", WARN, status.last_error or "")
-    if pid is not None and status.state in (State.RUNNING, State.STARTING, State.STOPPING):
-        if not pid.alive:
-            return Verdict("dead", BAD, f"pid {status.pid} is gone")
-        if pid.create_time is not None and abs(pid.create_time - status.pid_start_time) > 1.0:
-            return Verdict("dead", BAD, f"pid {status.pid} was reused by another process")
-    hb_timeout = (info.heartbeat_timeout if info else None) or DEFAULT_HEARTBEAT_TIMEOUT
-    hb_age = status.heartbeat_age(now_mono)
-    if hb_age > hb_timeout:
-        return Verdict("stale", BAD, f"no heartbeat for {fmt_age(hb_age)} (> {fmt_age(hb_timeout)})")
-    if status.kind == "trainer" and info is not None and info.progress_timeout:
-        grace = info.startup_grace or 0.0
-        uptime = (now_wall - status.started_at).total_seconds()
-        p_age = status.progress_age(now_mono)
-        if p_age is None:
-            if uptime > grace + info.progress_timeout:
-                return Verdict("no progress", BAD, f"no step since start {fmt_age(uptime)} ago")
-        elif p_age > info.progress_timeout and status.state == State.RUNNING:
-            return Verdict("hung", BAD, f"no progress for {fmt_age(p_age)} (> {fmt_age(info.progress_timeout)})")
-    if status.state in (State.STARTING, State.STOPPING):
-        return Verdict(status.state.value, WARN)
-    return Verdict("ok", OK)
+def health_verdict(h: ProcessHealth) -> Verdict:
+    """A process's health as a label, a colour level and a note (the reason; who judged when not the watchdog)."""
+    note = "" if h.health == "ok" else h.reason
+    if not h.by_watchdog:
+        note = f"{note} [{h.judged_by}]".strip()
+    return Verdict(h.health, HEALTH_LEVEL.get(h.health, BAD), note)
 
 
 def row_names(processes: Iterable[ProcessInfo], found: Iterable[str]) -> list[tuple[str, ProcessInfo | None]]:
@@ -140,20 +110,25 @@ def row_names(processes: Iterable[ProcessInfo], found: Iterable[str]) -> list[tu
 def process_rows(
     processes: Iterable[ProcessInfo],
     statuses: Mapping[str, ProcessStatus | ReadError],
+    health: Mapping[str, ProcessHealth],
     now_mono: float,
     now_wall: datetime,
     *,
-    restarts: Mapping[str, int] | None = None,
-    pids: Mapping[int, PidCheck] | None = None,
     host: str | None = None,
 ) -> tuple[dict[str, list], list[Verdict]]:
-    """The process table as columns (for a ColumnDataSource) and one verdict per row."""
+    """The process table as columns (for a ColumnDataSource) and one verdict per row.
+
+    ``health`` is keyed by process (every torchrun rank's row shows its process's
+    verdict and restarts) and, for a status file not in the stack, by its name.
+    A row without a status shows the read error, unless the watchdog judged it.
+    """
     cols: dict[str, list] = {c: [] for c in ROW_COLUMNS}
     verdicts: list[Verdict] = []
-    restarts = restarts or {}
     for sname, info in row_names(processes, statuses):
         result = statuses.get(sname)
         kind = info.kind if info else DASH
+        h = health.get(info.name if info else sname)
+        restarts = h.restarts_total if h is not None else None
         status: ProcessStatus | None = None
         if isinstance(result, ProcessStatus):
             status = result
@@ -164,8 +139,14 @@ def process_rows(
             # ReadError is falsy by design ("no status"), so compare with None
             label = error_label(err) if err is not None else "missing"
             detail = err.detail if err is not None else "no status file yet"
-            v = Verdict(label, BAD if label != "missing" else WARN, detail)
-            _add_row(cols, sname, kind, label, DASH, DASH, restarts.get(sname), v, DASH, DASH, detail, GREY)
+            if h is not None and h.by_watchdog:
+                v = health_verdict(h)
+                label = v.label
+                detail = v.note or detail
+            else:
+                v = Verdict(label, BAD if label != "missing" else WARN, detail)
+            state = error_label(err) if err is not None else "missing"
+            _add_row(cols, sname, kind, state, DASH, DASH, restarts, v, DASH, DASH, DASH, detail, GREY)
             verdicts.append(v)
             continue
         kind = status.kind
@@ -174,23 +155,25 @@ def process_rows(
             v = Verdict("other host", WARN, f"written on {status.host}")
             hb = pa = DASH
         else:
-            pcheck = (pids or {}).get(status.pid)
-            v = judge(status, info, now_mono, now_wall, pcheck)
+            v = health_verdict(h) if h is not None else Verdict("unknown", WARN, "not judged")
             hb = fmt_age(status.heartbeat_age(now_mono))
             pa = fmt_age(status.progress_age(now_mono))
-        fresh = v.label not in ("stale", "dead", "other host")
+        # Greyed: values that are not the running process's now (frozen, gone, another host's).
+        fresh = v.label != "other host" and (h is None or h.rule not in ("heartbeat_stale", "pid_gone", "pid_reused"))
         uptime = fmt_age((now_wall - status.started_at).total_seconds()) if status.state not in (
             State.STOPPED, State.FAILED) else DASH
-        _add_row(
-            cols, sname, kind, status.state.value, str(status.pid), uptime, restarts.get(sname), v, hb, pa,
-            v.note or (status.last_error or ""), TEXT if fresh else GREY,
-        )
+        writes = str(status.write_failures)
+        note = v.note or (status.last_error or "")
+        if status.write_failures:
+            note = f"{note}; status writes failing: {status.last_write_error or '?'}".lstrip("; ")
+        _add_row(cols, sname, kind, status.state.value, str(status.pid), uptime, restarts, v, hb, pa, writes,
+                 note, TEXT if fresh else GREY)
         verdicts.append(v)
     return cols, verdicts
 
 
 def _add_row(cols: dict[str, list], name: str, kind: str, state: str, pid: str, uptime: str,
-             restarts: int | None, v: Verdict, hb: str, pa: str, note: str, color: str) -> None:
+             restarts: int | None, v: Verdict, hb: str, pa: str, writes: str, note: str, color: str) -> None:
     cols["name"].append(name)
     cols["kind"].append(kind)
     cols["state"].append(state)
@@ -200,6 +183,7 @@ def _add_row(cols: dict[str, list], name: str, kind: str, state: str, pid: str, 
     cols["health"].append(v.label)
     cols["heartbeat"].append(hb)
     cols["progress"].append(pa)
+    cols["writes"].append(writes)
     cols["note"].append(note[:300])
     cols["color"].append(color)
     cols["health_color"].append(LEVEL_COLOR[v.level] if color != GREY or v.level == BAD else GREY)
@@ -272,11 +256,3 @@ def event_line(rec: Mapping[str, Any]) -> str:
     parts = [p for p in (ts[11:19] if len(ts) >= 19 else ts, str(level), str(what), str(proc), str(msg)) if p]
     return " ".join(parts)[:400]
 
-
-def is_restart(rec: Mapping[str, Any]) -> str | None:
-    """The process a watchdog event restarted, if it is a restart."""
-    what = str(rec.get("action") or rec.get("event") or rec.get("kind") or "")
-    if "restart" in what.lower():
-        proc = rec.get("process") or rec.get("name")
-        return str(proc) if proc else None
-    return None

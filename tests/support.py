@@ -1,4 +1,5 @@
-"""Helpers shared by the test suites: waiting, free ports, and reaping what a test started."""
+"""Helpers shared by the test suites: waiting, free ports, reaping what a test started, and the
+in-memory control backend (test-only: production code ships no fake)."""
 
 from __future__ import annotations
 
@@ -8,10 +9,13 @@ import socket
 import subprocess
 import sys
 import time
+from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Callable, TypeVar
+from typing import Any, Callable, TypeVar
 
 import psutil
+
+from keel.control.base import NoSuchProcess, NotRunning, ProcessInfo
 
 REPO_ROOT = Path(__file__).resolve().parent.parent
 PYTHON = sys.executable
@@ -102,3 +106,82 @@ def write_host_supervisord_conf(directory: Path) -> Path:
         f"[include]\nfiles = {conf_d}/*.conf\n"
     )
     return conf
+
+
+@dataclass
+class FakeBackend:
+    """In-memory ControlBackend for unit tests: records every call, can fail chosen operations.
+
+    ``failures[op]`` is a list of exceptions raised (and consumed) by the next calls of ``op``.
+    ``on_start(name)`` may return a new pid for the process.
+    """
+
+    processes: dict[str, ProcessInfo] = field(default_factory=dict)
+    calls: list[tuple[str, str, Any]] = field(default_factory=list)
+    failures: dict[str, list[Exception]] = field(default_factory=dict)
+    on_start: Callable[[str], int | None] | None = None
+    kind: str = "fake"
+
+    def add(self, name: str, state: str = "RUNNING", pid: int | None = None) -> None:
+        self.processes[name] = ProcessInfo(name, state, pid, None, None, "")
+
+    def _op(self, op: str, name: str, arg: Any = None) -> ProcessInfo | None:
+        self.calls.append((op, name, arg))
+        pending = self.failures.get(op)
+        if pending:
+            raise pending.pop(0)
+        if name == "*":
+            return None
+        if name not in self.processes:
+            raise NoSuchProcess(f"no such process {name!r}", process=name, backend=self.kind)
+        return self.processes[name]
+
+    def _run(self, info: ProcessInfo, name: str) -> None:
+        info.state = "RUNNING"
+        if self.on_start is not None:
+            info.pid = self.on_start(name)
+
+    def status(self) -> dict[str, ProcessInfo]:
+        self._op("status", "*")
+        return {k: ProcessInfo(**vars(v)) for k, v in self.processes.items()}
+
+    def start(self, name: str) -> None:
+        info = self._op("start", name)
+        assert info is not None
+        self._run(info, name)
+
+    def stop(self, name: str) -> None:
+        info = self._op("stop", name)
+        assert info is not None
+        info.state, info.pid = "STOPPED", None
+
+    def restart(self, name: str) -> None:
+        info = self._op("restart", name)
+        assert info is not None
+        self._run(info, name)
+
+    def signal(self, name: str, sig: int) -> None:
+        info = self._op("signal", name, sig)
+        assert info is not None
+        if info.state != "RUNNING":
+            raise NotRunning(f"{name} is not running", process=name, backend=self.kind)
+
+    def apply(self) -> list[str]:
+        self._op("apply", "*")
+        return []
+
+    def start_all(self) -> list[str]:
+        self._op("start_all", "*")
+        started = [n for n, i in sorted(self.processes.items()) if i.state in ("STOPPED", "EXITED", "FATAL")]
+        for name in started:
+            self._run(self.processes[name], name)
+        return started
+
+    def stop_all(self) -> None:
+        self._op("stop_all", "*")
+        for info in self.processes.values():
+            info.state, info.pid = "STOPPED", None
+
+    def shutdown(self) -> None:
+        self._op("shutdown", "*")
+        self.stop_all()

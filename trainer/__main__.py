@@ -14,7 +14,6 @@ from __future__ import annotations
 
 import argparse
 import importlib
-import json
 import logging
 import os
 import sys
@@ -25,11 +24,14 @@ from typing import Any, Callable, Sequence
 from keel.logs import setup_logging
 from keel.status.models import State
 from keel.status.reporter import ProcessReporter
-from keel.host.resources import allocate_gpus, prepare_process_dirs
+from keel.host.dirs import prepare_process_dirs
+from keel.host.gpu_allocation import allocate_gpus
 
 from trainer import distributed
 from trainer.sdnotify import Notifier
-from trainer.settings import SettingsError, TrainerSettings, choose_tmpdir, parse_settings
+from keel.render.contract import ContractError, load_process_file
+
+from trainer.settings import TrainerSettings, choose_tmpdir, from_process_file
 from trainer.signals import StopFlag
 
 DEFAULT_ENTRY = "trainer.job:main"
@@ -66,11 +68,10 @@ def main(argv: Sequence[str] | None = None) -> int:
     """Run the trainer; returns the exit code."""
     args = _parse_args(argv)
     try:
-        with open(args.config, encoding="utf-8") as f:
-            doc = json.load(f)
-        settings = parse_settings(doc)
-    except (OSError, ValueError, SettingsError) as e:
-        print(f"trainer: cannot read {args.config}: {e}", file=sys.stderr)
+        resolved = load_process_file(args.config)
+        settings = from_process_file(resolved, args.config)
+    except ContractError as e:  # names the file and the key
+        print(f"trainer: {e}", file=sys.stderr)
         return 2
 
     # Signals first: a SIGTERM during the slow start-up must stop us cleanly, not kill us.
@@ -79,7 +80,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     info = distributed.detect(os.environ)
     name = status_name(settings, info)
     log = setup_logging(name, settings.log_format, settings.log_level)
-    prepare_process_dirs(doc)
+    prepare_process_dirs(resolved)
     tmp_dir, fell_back = choose_tmpdir(settings.tmp_dir, name, os.getuid())
     if fell_back:
         tmp_dir.mkdir(mode=0o700, exist_ok=True)

@@ -10,6 +10,11 @@ Reporting is cheap by construction: `report` only updates memory and compares
 two monotonic timestamps; the status snapshot and the metrics file are written
 at most every `report.status_interval` / `report.metrics_interval` seconds,
 one summary record per metrics interval, in one append.
+
+Reporting never stops training: a failed status or metrics write (a full disk,
+say) does not raise out of `report` or `event`; the reporter counts it, retries
+it, and keeps the metrics records in memory until they can be written (see
+keel.status.degrade and docs/status-protocol.md, "When a write fails").
 """
 
 from __future__ import annotations

@@ -1,40 +1,20 @@
 """The trainer's view of its resolved file (`build/<env>/trainer.json`).
 
-Pure: a dict in, frozen dataclasses out. Only the keys the trainer uses are
-read; render-config has already validated the whole file, so a missing key here
-is a bug in the resolved file and fails loudly with the key's path.
+The file is read and checked by keel.render.contract (the one definition of its
+shape, strict, no defaults); this module only flattens the trainer's part into
+the names the training loop uses. Every value comes from the file.
 """
 
 from __future__ import annotations
 
-import json
 import os
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Literal
 
+from keel.render.contract import Checkpoint, ContractError, ProcessFile, Report, load_process_file, parse_process_file
+
 OnNan = Literal["stop", "skip", "continue"]
-
-
-class SettingsError(ValueError):
-    """The resolved file lacks a key or has a value of the wrong kind; `.key` names it."""
-
-    def __init__(self, key: str, detail: str) -> None:
-        super().__init__(f"{key}: {detail}")
-        self.key = key
-
-
-@dataclass(frozen=True)
-class CheckpointSettings:
-    every_seconds: float | None = 10.0
-    every_steps: int | None = None
-    keep: int = 3
-
-
-@dataclass(frozen=True)
-class ReportSettings:
-    status_interval: float = 1.0
-    metrics_interval: float = 1.0
 
 
 @dataclass(frozen=True)
@@ -54,20 +34,20 @@ class TrainerSettings:
     durability: str
     log_format: str
     log_level: str
-    entry: str | None = None
-    launcher: str = "python"
-    backend: str = "auto"
-    threads: int = 1
-    seed: int = 0
-    max_steps: int | None = None
-    batch_size: int = 64
-    learning_rate: float = 3e-3
-    val_every_steps: int = 200
-    num_workers: int = 2
-    checkpoint: CheckpointSettings = field(default_factory=CheckpointSettings)
-    report: ReportSettings = field(default_factory=ReportSettings)
-    on_nan: OnNan = "stop"
-    params: dict[str, Any] = field(default_factory=dict)
+    entry: str | None
+    launcher: str
+    backend: str
+    threads: int
+    seed: int
+    max_steps: int | None
+    batch_size: int
+    learning_rate: float
+    val_every_steps: int
+    num_workers: int
+    checkpoint: Checkpoint
+    report: Report
+    on_nan: OnNan
+    params: dict[str, Any]
 
     @property
     def auto_gpus(self) -> int | None:
@@ -77,69 +57,50 @@ class TrainerSettings:
         return None
 
 
-def _get(d: dict, key: str, path: str) -> Any:
-    try:
-        return d[key]
-    except (KeyError, TypeError):
-        raise SettingsError(f"{path}{key}", "missing from the resolved file") from None
-
-
-def parse_settings(doc: dict) -> TrainerSettings:
-    """Turn a resolved trainer file (see docs/internals.md) into `TrainerSettings`."""
-    paths = _get(doc, "paths", "")
-    t = doc.get("trainer") or {}
-    limits = doc.get("limits") or {}
-    log = doc.get("log") or {}
-    ck = t.get("checkpoint") or {}
-    rep = t.get("report") or {}
-    on_nan = t.get("on_nan", "stop")
-    if on_nan not in ("stop", "skip", "continue"):
-        raise SettingsError("trainer.on_nan", f"must be stop, skip or continue, not {on_nan!r}")
-    gpus = doc.get("gpus", [])
-    if isinstance(gpus, dict) and "auto" not in gpus:
-        raise SettingsError("gpus", "a mapping must be {'auto': N}")
+def from_process_file(pf: ProcessFile, where: str) -> TrainerSettings:
+    """The trainer's view of a checked resolved file; ContractError unless it is a trainer's."""
+    t = pf.trainer
+    if pf.kind != "trainer" or t is None:
+        raise ContractError(where, "kind", f"expected a trainer's resolved file, got kind {pf.kind!r}")
     return TrainerSettings(
-        name=_get(doc, "name", ""),
-        run_dir=Path(_get(paths, "run_dir", "paths.")),
-        log_dir=Path(_get(paths, "log_dir", "paths.")),
-        checkpoint_dir=Path(_get(paths, "checkpoint_dir", "paths.")),
-        tmp_dir=Path(paths.get("tmp_dir") or Path(paths["run_dir"]) / "tmp" / doc["name"]),
-        gpus=gpus,
-        gpu_memory_fraction=limits.get("gpu_memory_fraction"),
-        gpu_memory_bytes=limits.get("gpu_memory_bytes"),
-        heartbeat_interval=float(doc.get("heartbeat_interval", 2.0)),
-        stop_timeout=float(doc.get("stop_timeout", 30.0)),
-        durability=doc.get("durability", "none"),
-        log_format=log.get("format", "auto"),
-        log_level=log.get("level", "INFO"),
-        entry=t.get("entry"),
-        launcher=t.get("launcher", "python"),
-        backend=(t.get("torchrun") or {}).get("backend", "auto"),
-        threads=int(t.get("threads", 1)),
-        seed=int(t.get("seed", 0)),
-        max_steps=t.get("max_steps"),
-        batch_size=int(t.get("batch_size", 64)),
-        learning_rate=float(t.get("learning_rate", 3e-3)),
-        val_every_steps=int(t.get("val_every_steps", 200)),
-        num_workers=int(t.get("num_workers", 2)),
-        checkpoint=CheckpointSettings(
-            every_seconds=ck.get("every_seconds", 10.0),
-            every_steps=ck.get("every_steps"),
-            keep=int(ck.get("keep", 3)),
-        ),
-        report=ReportSettings(
-            status_interval=float(rep.get("status_interval", 1.0)),
-            metrics_interval=float(rep.get("metrics_interval", 1.0)),
-        ),
-        on_nan=on_nan,
-        params=dict(t.get("params") or {}),
+        name=pf.name,
+        run_dir=Path(pf.paths.run_dir),
+        log_dir=Path(pf.paths.log_dir),
+        checkpoint_dir=Path(pf.paths.checkpoint_dir),
+        tmp_dir=Path(pf.paths.tmp_dir),
+        gpus=list(pf.gpus) if isinstance(pf.gpus, list) else {"auto": pf.gpus.auto},
+        gpu_memory_fraction=pf.limits.gpu_memory_fraction,
+        gpu_memory_bytes=pf.limits.gpu_memory_bytes,
+        heartbeat_interval=pf.heartbeat_interval,
+        stop_timeout=pf.stop_timeout,
+        durability=pf.durability,
+        log_format=pf.log.format,
+        log_level=pf.log.level,
+        entry=t.entry,
+        launcher=t.launcher,
+        backend=t.torchrun.backend,
+        threads=t.threads,
+        seed=t.seed,
+        max_steps=t.max_steps,
+        batch_size=t.batch_size,
+        learning_rate=t.learning_rate,
+        val_every_steps=t.val_every_steps,
+        num_workers=t.num_workers,
+        checkpoint=t.checkpoint,
+        report=t.report,
+        on_nan=t.on_nan,
+        params=dict(t.params),
     )
 
 
-def load_settings(path: str | os.PathLike) -> TrainerSettings:
-    """Read and parse the resolved file at `path`."""
-    with open(path, encoding="utf-8") as f:
-        return parse_settings(json.load(f))
+def parse_settings(doc: Any, where: str = "trainer.json") -> TrainerSettings:
+    """An already-parsed resolved trainer file -> `TrainerSettings`; ContractError naming `where` and the key."""
+    return from_process_file(parse_process_file(doc, where), where)
+
+
+def load_settings(path: str | os.PathLike[str]) -> TrainerSettings:
+    """Read and check the resolved file at `path`."""
+    return from_process_file(load_process_file(path), str(path))
 
 
 # AF_UNIX socket paths are limited to 107 bytes on Linux. multiprocessing (used by

@@ -15,7 +15,10 @@ import sys
 import time
 from dataclasses import asdict, dataclass
 from pathlib import Path
-from typing import Any, Callable
+from typing import TYPE_CHECKING, Any, Callable
+
+if TYPE_CHECKING:
+    from keel.render.contract import StackFile
 
 OK, WARN, FAIL = "ok", "warn", "fail"
 _MARK = {OK: "\033[32m✓\033[0m", WARN: "\033[33m!\033[0m", FAIL: "\033[31m✗\033[0m"}
@@ -43,20 +46,20 @@ def check_dependencies() -> Finding:
 
 
 def check_config(env: str, config_dir: Path | None) -> tuple[Finding, Any]:
-    from keel.cli.render_config import _config_dir
     from keel.config.load import ConfigError, load_config
+    from keel.stack.paths import config_dir as default_config_dir
 
     try:
-        loaded = load_config(env, _config_dir(argparse.Namespace(config_dir=config_dir)))
+        loaded = load_config(env, default_config_dir(config_dir))
     except ConfigError as exc:
         return Finding("config", FAIL, str(exc), "fix the key named above, then bin/render-config " + env), None
     return Finding("config", OK, f"{env}: {len(loaded.config.processes)} processes, {loaded.config.backend}"), loaded
 
 
 def check_rendered(env: str, config_dir: Path | None) -> Finding:
-    from keel.cli.render_config import render_environment
     from keel.config.load import ConfigError
     from keel.render.writer import diff_files
+    from keel.stack.rendering import render_environment
 
     try:
         _, _, files, build_dir = render_environment(env, config_dir)
@@ -72,10 +75,10 @@ def check_rendered(env: str, config_dir: Path | None) -> Finding:
     return Finding("rendered files", OK, f"{build_dir} matches configs/")
 
 
-def check_dirs(stack: dict[str, Any]) -> Finding:
+def check_dirs(stack: StackFile) -> Finding:
     bad = []
     for key in ("run_dir", "log_dir", "checkpoint_dir"):
-        path = Path(stack["paths"][key])
+        path = Path(getattr(stack.paths, key))
         probe = path
         while not probe.exists() and probe != probe.parent:
             probe = probe.parent
@@ -99,13 +102,13 @@ def _port_owner(port: int) -> str | None:
     return None
 
 
-def check_ports(stack: dict[str, Any]) -> Finding:
-    from keel.cli.launch import stack_processes
+def check_ports(stack: StackFile) -> Finding:
+    from keel.stack.processes import stack_processes
 
     ours = {p.pid for p in stack_processes(stack)}
     busy = []
-    for name, proc in stack["processes"].items():
-        port = proc.get("port")
+    for name, proc in stack.processes.items():
+        port = proc.port
         if not port:
             continue
         with socket.socket() as probe:
@@ -124,13 +127,13 @@ def check_ports(stack: dict[str, Any]) -> Finding:
     return Finding("ports free", OK, "every configured port is free or held by this stack")
 
 
-def check_gpus(stack: dict[str, Any]) -> Finding:
-    from keel.host.resources import ResourceSampler
+def check_gpus(stack: StackFile) -> Finding:
+    from keel.host.sampling import ResourceSampler
 
     sampler = ResourceSampler()
     sample = sampler.sample([])
     sampler.close()
-    wants = [n for n, p in stack["processes"].items() if p.get("gpus")]
+    wants = [n for n, p in stack.processes.items() if p.gpus]
     if sample.gpu_error:
         if wants:
             return Finding("GPU / NVML", FAIL, f"{', '.join(wants)} asks for GPUs but {sample.gpu_error}",
@@ -139,28 +142,29 @@ def check_gpus(stack: dict[str, Any]) -> Finding:
     return Finding("GPU / NVML", OK, f"{len(sample.gpus)} GPUs: " + ", ".join(f"{g.index}:{g.name}" for g in sample.gpus))
 
 
-def check_supervisord(stack: dict[str, Any]) -> list[Finding]:
-    from keel.control.backends import ControlError, backend_for
-    from keel.cli.launch import orphans, supervisord_pid
+def check_supervisord(stack: StackFile) -> list[Finding]:
+    from keel.control.base import ControlError
+    from keel.control.factory import backend_for
+    from keel.stack.processes import orphans, supervisord_pid
 
-    if stack["backend"] != "supervisord":
-        return [Finding("backend", OK, "systemd: see systemctl status " + stack["control"]["target"])]
+    if stack.control.backend != "supervisord":
+        return [Finding("backend", OK, "systemd: see systemctl status " + stack.control.target)]
     findings = []
-    sock, pidfile = stack["control"]["socket"], stack["control"]["pidfile"]
-    standalone = stack["control"]["mode"] == "standalone"
+    sock, pidfile = stack.control.socket, stack.control.pidfile
+    standalone = stack.control.mode == "standalone"
     pid = supervisord_pid(stack) if standalone else None
     if standalone and pid is None:
         stale = [p for p in (sock, pidfile) if os.path.exists(p)]
         if stale:
             findings.append(Finding("stale files", FAIL, f"left by a supervisord that is gone: {', '.join(stale)}",
-                                    f"bin/launch up {stack['environment']} removes them (or delete them by hand)"))
+                                    f"bin/launch up {stack.environment} removes them (or delete them by hand)"))
         else:
-            findings.append(Finding("supervisord", WARN, "not running", f"bin/launch up {stack['environment']}"))
+            findings.append(Finding("supervisord", WARN, "not running", f"bin/launch up {stack.environment}"))
     else:
         try:
             infos = backend_for(stack, timeout=5.0).status()
             findings.append(Finding("supervisord", OK, f"reachable at {sock}" + (f" (pid {pid})" if pid else "")
-                                    + f"; {len(infos)} of {len(stack['processes'])} programs known"))
+                                    + f"; {len(infos)} of {len(stack.processes)} programs known"))
         except ControlError as exc:
             findings.append(Finding("supervisord", FAIL, str(exc), "check the socket path and permissions (mode 0700: run as its owner)"))
     left = orphans(stack)
@@ -168,17 +172,17 @@ def check_supervisord(stack: dict[str, Any]) -> list[Finding]:
         findings.append(Finding("orphans", FAIL,
                                 f"{len(left)} stack processes without their supervisord: "
                                 + ", ".join(f"{p.pid} {' '.join(p.cmdline()[1:4])}" for p in left),
-                                f"bin/launch up {stack['environment']} stops them first (or kill those pids)"))
+                                f"bin/launch up {stack.environment} stops them first (or kill those pids)"))
     else:
         findings.append(Finding("orphans", OK, "none"))
     return findings
 
 
-def check_clock(stack: dict[str, Any]) -> Finding:
+def check_clock(stack: StackFile) -> Finding:
     now = time.time()
     if now < 1_700_000_000:
         return Finding("clock", FAIL, f"wall clock reads {time.ctime(now)}", "enable NTP (timedatectl set-ntp true)")
-    run_dir = Path(stack["paths"]["run_dir"])
+    run_dir = Path(stack.paths.run_dir)
     future = []
     if run_dir.is_dir():
         for path in run_dir.glob("*.status.json"):
@@ -197,8 +201,8 @@ def check_clock(stack: dict[str, Any]) -> Finding:
 
 
 def run_checks(env: str, config_dir: Path | None) -> list[Finding]:
-    from keel.cli.launch import stack_path
-    from keel.stack.view import StackFileError, load_stack
+    from keel.render.contract import ContractError
+    from keel.stack.paths import load_rendered_stack
 
     findings = [check_dependencies()]
     config_finding, loaded = check_config(env, config_dir)
@@ -206,11 +210,11 @@ def run_checks(env: str, config_dir: Path | None) -> list[Finding]:
     if loaded is not None:
         findings.append(check_rendered(env, config_dir))
     try:
-        stack = load_stack(stack_path(env))
-    except StackFileError as exc:
+        stack = load_rendered_stack(env)
+    except ContractError as exc:
         findings.append(Finding("stack", FAIL, str(exc), f"bin/render-config {env}"))
         return findings
-    checks: list[Callable[[dict], Finding | list[Finding]]] = [check_dirs, check_ports, check_gpus, check_supervisord, check_clock]
+    checks: list[Callable[[StackFile], Finding | list[Finding]]] = [check_dirs, check_ports, check_gpus, check_supervisord, check_clock]
     for check in checks:
         try:
             result = check(stack)

@@ -13,21 +13,13 @@ Exit codes: 0 ok (with --diff: 0 also when there are changes), 2 bad config or a
 from __future__ import annotations
 
 import argparse
-import json
-import os
-import shutil
-import subprocess
 import sys
 from pathlib import Path
 
-from keel.config.load import ConfigError, LoadedConfig, display_path, load_config
-
-CODE_DIR = Path(__file__).resolve().parents[2]
-
-
-def build_root() -> Path:
-    """Where build/<env>/ lives: the checkout's build/, or $KEEL_BUILD_ROOT (tests, read-only checkouts)."""
-    return Path(os.environ.get("KEEL_BUILD_ROOT") or CODE_DIR / "build").resolve()
+from keel.config.load import ConfigError, display_path
+from keel.render.contract import StackFile
+from keel.stack.paths import make_dirs
+from keel.stack.rendering import render_environment, stack_of
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -55,80 +47,20 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
-def _config_dir(args: argparse.Namespace) -> Path:
-    """--config-dir, else the checkout's own configs/ (not the working directory's: running
-    /srv/keel/current/bin/render-config from elsewhere must not pick up a stray configs/)."""
-    return args.config_dir if args.config_dir is not None else CODE_DIR / "configs"
+def apply_include_mode(stack: StackFile) -> str:
+    """include mode: ask the host supervisord to reread and update our programs (only changed ones restart)."""
+    from keel.control.base import BackendUnavailable, ControlError
+    from keel.control.factory import backend_for
 
-
-def _sources(loaded: LoadedConfig) -> tuple[str, ...]:
-    """File names for the header, stable wherever the command runs from."""
-    out = []
-    for path in loaded.files:
-        resolved = path.resolve()
-        try:
-            out.append(str(resolved.relative_to(CODE_DIR)))
-        except ValueError:
-            out.append(str(resolved))
-    return tuple(out)
-
-
-def make_dirs(stack: dict, names: list[str]) -> None:
-    """The dirs supervisord and the processes need before they start (0750: status files are not public)."""
-    paths = stack["paths"]
-    wanted = [paths["run_dir"], paths["log_dir"], paths["checkpoint_dir"]]
-    wanted += [os.path.join(paths["run_dir"], "tmp", name) for name in names]
-    for directory in wanted:
-        os.makedirs(directory, mode=0o750, exist_ok=True)
-
-
-def reload_supervisord(socket: str, programs: list[str]) -> str:
-    """include mode: ask the host supervisord to reread and update (only changed programs restart)."""
-    if not os.path.exists(socket):
-        return f"supervisord at {socket} not running: start it, then `supervisorctl update`"
-    for args in (["reread"], ["update", *programs]):
-        done = supervisorctl(socket, *args, timeout=60)
-        if done.returncode != 0:
-            return f"supervisorctl {' '.join(args)} failed: {(done.stdout + done.stderr).strip()}"
-    return f"supervisord at {socket}: reread and updated {', '.join(programs)} (only changed programs restart)"
-
-
-def render_environment(
-    env: str,
-    config_dir: Path | None = None,
-    overrides: list[str] = (),
-    backend: str | None = None,
-    out: Path | None = None,
-):
-    """Validate and render one environment in memory: (loaded config, context, files, build dir).
-
-    The one render path for bin/render-config, bin/launch and bin/doctor. Raises ConfigError
-    (with file:line) for a bad config and for a value the target format cannot carry.
-    """
-    # Imported here: loading and validating must stay fast and light for --check.
-    from keel.render.templates import RenderError, render
-    from keel.render.resolve import Context
-
-    overrides = list(overrides) + ([f"backend={backend}"] if backend else [])
-    loaded = load_config(env, _config_dir(argparse.Namespace(config_dir=config_dir)), overrides)
-    build_dir = (out or build_root() / env).resolve()
-    ctx = Context(env=env, code_dir=CODE_DIR, build_dir=build_dir, sources=_sources(loaded), backend=loaded.config.backend)
+    socket = stack.control.socket
     try:
-        files = render(loaded.config, ctx, install=out is None)
-    except RenderError as exc:
-        raise ConfigError(f"{loaded.locate(exc.path)}: {exc}") from None
-    return loaded, ctx, files, build_dir
-
-
-def stack_of(files) -> dict:
-    """keel.json among the rendered files, parsed."""
-    return json.loads(next(f.text for f in files if f.path == "keel.json"))
-
-
-def supervisorctl(socket: str, *args: str, timeout: float = 120) -> subprocess.CompletedProcess:
-    """Run the venv's supervisorctl against a unix socket."""
-    ctl = shutil.which("supervisorctl", path=os.path.dirname(sys.executable)) or shutil.which("supervisorctl") or "supervisorctl"
-    return subprocess.run([ctl, "-s", f"unix://{socket}", *args], capture_output=True, text=True, timeout=timeout)
+        changes = backend_for(stack).apply()
+    except BackendUnavailable:
+        return f"supervisord at {socket} not running: start it, then `bin/launch apply {stack.environment}`"
+    except ControlError as exc:
+        return f"supervisord at {socket}: applying the config failed: {exc}"
+    return (f"supervisord at {socket}: reread and updated ({'; '.join(changes) if changes else 'nothing changed'}; "
+            "only changed programs restart)")
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -170,7 +102,7 @@ def main(argv: list[str] | None = None) -> int:
             print(f"  {'changed ' if result.changed else 'same    '} {display_path(result.path)}")
     if (backend == "supervisord" and config.supervisord.mode == "include" and args.out is None
             and config.supervisord.reload and not args.no_reload):
-        message = reload_supervisord(stack["control"]["socket"], [p["program"] for p in stack["processes"].values()])
+        message = apply_include_mode(stack)
         if not args.quiet:
             print(message)
     return 0

@@ -1,5 +1,9 @@
 """`bin/status <env>`: one line per process: state, health verdict, pid, uptime, restarts, step, loss, ages, GPUs.
 
+Health and restarts are the watchdog's (what it published in its status); when
+it is not reporting, the header says so and the verdicts are judged here with
+the same rules (keel.stack.view).
+
     bin/status dev            # a table (colours on a TTY)
     bin/status dev --json     # for scripts and the Ansible health gate
     bin/status dev --watch    # refresh every 2 s
@@ -16,7 +20,7 @@ import json
 import sys
 import time
 
-from keel.cli.launch import stack_path
+from keel.stack.paths import stack_path
 
 _COLOURS = {"ok": "\033[32m", "starting": "\033[36m", "degraded": "\033[33m", "unhealthy": "\033[31m", "stopped": "\033[2m"}
 
@@ -37,14 +41,29 @@ def _num(value) -> str:
     return f"{value:.4g}" if isinstance(value, float) else str(value)
 
 
+def _why(v) -> str:
+    """The verdict's reason (when not ok), the last action, and failed status writes (the channel degrades)."""
+    parts = [] if v.health == "ok" else [v.reason]
+    if v.last_action and v.health != "ok":
+        parts.append(f"last action: {v.last_action} ({v.last_action_reason})")
+    if v.write_failures:
+        parts.append(f"{v.write_failures} status write(s) failed, last: {v.last_write_error or '?'}")
+    return "; ".join(p for p in parts if p)
+
+
+def not_reporting(views) -> str | None:
+    """Why the watchdog's verdicts are not shown (judged here instead), or None when they are."""
+    return next((v.judged_by[len("local: "):] for v in views
+                 if v.kind != "watchdog" and v.judged_by.startswith("local: ")), None)
+
+
 def table(views, colour: bool) -> str:
     header = ("PROCESS", "STATE", "HEALTH", "PID", "UPTIME", "RESTARTS", "STEP", "LOSS", "HEARTBEAT", "PROGRESS", "GPU", "WHY")
     rows = [header]
     for v in views:
         rows.append((
-            v.name, v.state, v.health, _num(v.pid), _age(v.uptime_s), str(v.restarts), _num(v.step), _num(v.loss),
-            _age(v.heartbeat_age_s), _age(v.progress_age_s), ",".join(map(str, v.gpus)) or "-",
-            "" if v.health == "ok" else v.reason,
+            v.name, v.state, v.health, _num(v.pid), _age(v.uptime_s), _num(v.restarts), _num(v.step), _num(v.loss),
+            _age(v.heartbeat_age_s), _age(v.progress_age_s), ",".join(map(str, v.gpus)) or "-", _why(v),
         ))
     widths = [max(len(r[i]) for r in rows) for i in range(len(header) - 1)]
     lines = []
@@ -67,10 +86,10 @@ def main(argv: list[str] | None = None) -> int:
                         help="poll until every process is healthy or SECONDS pass (exit 0 or 1)")
     args = parser.parse_args(argv)
 
-    from keel.control.backends import backend_for
-    from keel.host.resources import ResourceSampler
+    from keel.control.factory import backend_for
+    from keel.host.sampling import ResourceSampler
     from keel.stack.view import StackFileError, all_healthy, collect, load_stack
-    from keel.status.files import StatusReader
+    from keel.status.reader import StatusReader
 
     try:
         stack = load_stack(stack_path(args.env))
@@ -92,13 +111,16 @@ def main(argv: list[str] | None = None) -> int:
                 print(json.dumps({
                     "project": stack["project"], "environment": stack["environment"], "backend": stack["backend"],
                     "healthy": healthy, "dashboard_url": stack.get("dashboard_url"),
+                    "watchdog_reporting": not_reporting(views) is None,
                     "processes": [v.to_json() for v in views],
                 }), flush=True)
             else:
                 if args.watch and colour:
                     print("\033[2J\033[H", end="")
+                silent = not_reporting(views)
                 print(f"{stack['project']} ({stack['environment']}, {stack['backend']}): "
-                      + ("healthy" if healthy else "NOT healthy"))
+                      + ("healthy" if healthy else "NOT healthy")
+                      + (f" ({silent}; verdicts judged here, restarts unknown)" if silent else ""))
                 print(table(views, colour), flush=True)
             if not args.watch:
                 if views and all(v.state == "UNKNOWN" for v in views):

@@ -28,6 +28,7 @@ from keel.config.quantities import format_duration, format_size, parse_duration,
 
 NAME_PATTERN = r"^[a-z][a-z0-9_-]*$"
 KINDS = ("trainer", "dashboard", "watchdog", "command")
+RESERVED_ENV_REASON = "keel sets KEEL_PROCESS, KEEL_CONFIG and KEEL_CONFIG_DIGEST itself; choose another name"
 
 Duration = Annotated[
     float,
@@ -231,7 +232,10 @@ class ProcessBase(Strict):
     command: Command | None = Field(None, description="What to run (list or string). Kinds trainer, dashboard and watchdog have a default.")
     user: str | None = Field(None, description="Run as this user (requires a root supervisord or systemd).")
     working_dir: str | None = Field(None, description="Working directory. Default: the keel checkout.")
-    environment: dict[EnvName, EnvValue] = Field(default_factory=dict, description="Extra environment variables.")
+    environment: dict[EnvName, EnvValue] = Field(
+        default_factory=dict,
+        description="Extra environment variables. Names starting with KEEL_ are reserved for keel and refused.",
+    )
     gpus: GpuSpec = Field(default_factory=list, description="GPUs: a list of indices, `auto:N` (least-used N, picked at start under a lock), or none.")
     limits: Limits = Field(default_factory=Limits)
     health: Health = Field(default_factory=Health)
@@ -242,6 +246,16 @@ class ProcessBase(Strict):
     autostart: bool = Field(True, description="Start with the stack.")
     startsecs: Duration = Field(1.0, description="supervisord: running this long counts as a successful start (rounded up to whole seconds).")
     startretries: int = Field(3, ge=0, le=100, description="supervisord: quick-exit retries before FATAL (the watchdog then applies its restart budget).")
+
+    @field_validator("environment")
+    @classmethod
+    def _no_keel_names(cls, environment: dict[str, str]) -> dict[str, str]:
+        # keel sets KEEL_PROCESS, KEEL_CONFIG, KEEL_CONFIG_DIGEST and reads KEEL_* at start; a user
+        # variable there would either be overridden or override keel, so it is refused, never dropped.
+        for key in environment:
+            if key.startswith("KEEL_"):
+                raise FieldProblem(key, f"KEEL_* names are reserved for keel ({RESERVED_ENV_REASON})")
+        return environment
 
     def gpu_list(self) -> list[int]:
         return list(self.gpus) if isinstance(self.gpus, list) else []

@@ -3,7 +3,7 @@
 A reader sees the old file or the new one, never a mix; a failure leaves the old
 file as it was and no temp file behind. Used for rendered configs, the watchdog's
 state and trainer checkpoints (status snapshots have their own writer in
-keel.status.files, with locking and seq).
+keel.status.snapshot, with locking and seq).
 """
 
 from __future__ import annotations

@@ -1,8 +1,9 @@
 """Turn a validated environment into what each process reads: absolute paths, commands, GPUs.
 
-Pure: no file is read or written here. `resolve_stack` returns `keel.json` (everything,
-for the tools) and one dict per process (only what that process needs), in the
-shapes documented in docs/internals.md. Keeping a process's own file free of other
+Pure: no file is read or written here. `stack_file` returns `keel.json` (everything,
+for the tools) and `process_file` one file per process (only what that process
+needs), as the typed models of keel.render.contract; nothing else defines their
+shape. Keeping a process's own file free of other
 processes' settings is what lets `supervisorctl update` leave it alone when only a
 sibling changed.
 """
@@ -15,8 +16,13 @@ from pathlib import Path, PurePath
 from typing import Any
 
 from keel.config.model import KeelConfig, TrainerProcess
+from keel.render import contract
+from keel.render.contract import FORMAT_VERSION
 
-FORMAT_VERSION = 1
+# The watchdog's fixed tuning, stated here so its file carries every value it uses.
+# Scrapers read the textfile every 15-60 s; rewriting it more often only costs CPU.
+PROMETHEUS_INTERVAL = 5.0
+RESTART_JITTER = "full"
 
 
 @dataclass(frozen=True)
@@ -80,8 +86,22 @@ def process_command(name: str, proc: Any, config: KeelConfig, ctx: Context) -> l
     raise AssertionError(f"kind {proc.kind} has no default command")  # the model requires one
 
 
+def program_name(config: KeelConfig, name: str) -> str:
+    """The supervisord program of a process; computed here only, carried in keel.json."""
+    return f"{config.project}-{name}"
+
+
+def unit_name(config: KeelConfig, name: str) -> str:
+    """The systemd unit of a process; computed here only, carried in keel.json."""
+    return f"{config.project}-{name}.service"
+
+
 def process_environment(name: str, proc: Any, paths: dict[str, str], ctx: Context) -> dict[str, str]:
-    """Environment every keel process gets; the user's `environment:` adds to it (KEEL_* stay ours)."""
+    """Environment every keel process gets; the user's `environment:` adds to it.
+
+    The model refuses user names starting with KEEL_ (keel.config.model.ProcessBase), so a
+    user variable can neither override nor silently lose to one of ours.
+    """
     env = {
         "KEEL_PROCESS": name,
         "KEEL_CONFIG": str(ctx.build_dir / f"{name}.json"),
@@ -96,89 +116,103 @@ def process_environment(name: str, proc: Any, paths: dict[str, str], ctx: Contex
     # auto:N: the trainer picks its GPUs at start (keel.host.resources.allocate_gpus) and sets it itself.
     if proc.kind == "trainer":
         env["OMP_NUM_THREADS"] = str(proc.threads)
-    for key, value in proc.environment.items():
-        if not key.startswith("KEEL_"):
-            env[key] = value
+    env.update(proc.environment)
     return env
 
 
-def _gpus(proc: Any) -> Any:
+def _gpus(proc: Any) -> contract.Gpus:
     if isinstance(proc.gpus, str):
-        return {"auto": proc.gpu_auto_count()}
+        return contract.GpuAuto(auto=proc.gpu_auto_count())
     return list(proc.gpus or [])
 
 
-def _limits(proc: Any) -> dict[str, Any]:
+def _limits(proc: Any) -> contract.Limits:
     gpu = proc.limits.gpu_memory
-    return {
-        "memory_bytes": proc.limits.memory,
-        "gpu_memory_bytes": gpu if isinstance(gpu, int) else None,
-        "gpu_memory_fraction": gpu if isinstance(gpu, float) else None,
-    }
+    return contract.Limits(
+        memory_bytes=proc.limits.memory,
+        gpu_memory_bytes=gpu if isinstance(gpu, int) else None,
+        gpu_memory_fraction=gpu if isinstance(gpu, float) else None,
+    )
 
 
-def _kind_block(name: str, proc: Any, config: KeelConfig, ctx: Context, paths: dict[str, str]) -> dict[str, Any]:
-    if proc.kind == "trainer":
-        block = proc.model_dump(
-            mode="python",
-            include={
-                "entry", "launcher", "threads", "seed", "max_steps", "batch_size", "learning_rate",
-                "val_every_steps", "num_workers", "on_nan", "params",
-            },
-        )
-        block["torchrun"] = proc.torchrun.model_dump(mode="python")
-        block["checkpoint"] = proc.checkpoint.model_dump(mode="python")
-        block["report"] = proc.report.model_dump(mode="python")
-        return block
-    if proc.kind == "dashboard":
-        return {
-            "address": proc.address,
-            "port": proc.port,
-            "allow_websocket_origin": list(proc.allow_origins or [f"127.0.0.1:{proc.port}", f"localhost:{proc.port}"]),
-            "refresh": proc.refresh,
-            "history_points": proc.history_points,
-            "log_tail_lines": proc.log_tail_lines,
-            "keep_alive": proc.keep_alive,
-            "unused_session_lifetime": proc.unused_session_lifetime,
-            "auth": proc.auth.model_dump(mode="python"),
-            "stack": str(ctx.build_dir / "keel.json"),
-        }
-    if proc.kind == "watchdog":
-        textfile = proc.prometheus_textfile
-        return {
-            "poll_interval": proc.poll_interval,
-            "rss_consecutive_polls": proc.rss_consecutive_polls,
-            "stable_after": proc.stable_after,
-            "alert": {"command": proc.alert.command, "timeout": proc.alert.timeout},
-            "prometheus_textfile": _abs(textfile, Path(paths["run_dir"])) if textfile else None,
-            "stack": str(ctx.build_dir / "keel.json"),
-        }
-    return {"port": proc.port}
+def _trainer_block(proc: TrainerProcess) -> contract.TrainerBlock:
+    return contract.TrainerBlock(
+        entry=proc.entry,
+        launcher=proc.launcher,
+        threads=proc.threads,
+        seed=proc.seed,
+        max_steps=proc.max_steps,
+        batch_size=proc.batch_size,
+        learning_rate=float(proc.learning_rate),
+        val_every_steps=proc.val_every_steps,
+        num_workers=proc.num_workers,
+        on_nan=proc.on_nan,
+        params=dict(proc.params),
+        torchrun=contract.Torchrun(**proc.torchrun.model_dump(mode="python")),
+        checkpoint=contract.Checkpoint(**proc.checkpoint.model_dump(mode="python")),
+        report=contract.Report(**proc.report.model_dump(mode="python")),
+    )
 
 
-def process_file(name: str, config: KeelConfig, ctx: Context) -> dict[str, Any]:
+def _dashboard_block(proc: Any, ctx: Context) -> contract.DashboardBlock:
+    return contract.DashboardBlock(
+        address=proc.address,
+        port=proc.port,
+        allow_websocket_origin=list(proc.allow_origins or [f"127.0.0.1:{proc.port}", f"localhost:{proc.port}"]),
+        refresh=proc.refresh,
+        history_points=proc.history_points,
+        log_tail_lines=proc.log_tail_lines,
+        keep_alive=proc.keep_alive,
+        unused_session_lifetime=proc.unused_session_lifetime,
+        auth=contract.Auth(**proc.auth.model_dump(mode="python")),
+        stack=str(ctx.build_dir / "keel.json"),
+    )
+
+
+def _watchdog_block(proc: Any, ctx: Context, paths: dict[str, str]) -> contract.WatchdogBlock:
+    textfile = proc.prometheus_textfile
+    return contract.WatchdogBlock(
+        poll_interval=proc.poll_interval,
+        rss_consecutive_polls=proc.rss_consecutive_polls,
+        stable_after=proc.stable_after,
+        alert=contract.Alert(command=proc.alert.command, timeout=proc.alert.timeout),
+        prometheus_textfile=_abs(textfile, Path(paths["run_dir"])) if textfile else None,
+        prometheus_interval=PROMETHEUS_INTERVAL,
+        jitter=RESTART_JITTER,
+        stack=str(ctx.build_dir / "keel.json"),
+    )
+
+
+def process_file(name: str, config: KeelConfig, ctx: Context) -> contract.ProcessFile:
     """`build/<env>/<name>.json`: the resolved settings one process reads, nothing else."""
     proc = config.processes[name]
     paths = resolve_paths(config, ctx)
-    doc: dict[str, Any] = {
-        "generated": ctx.header,
-        "format_version": FORMAT_VERSION,
-        "project": config.project,
-        "environment": ctx.env,
-        "name": name,
-        "kind": proc.kind,
-        "durability": config.durability,
-        "paths": {**paths, "tmp_dir": str(Path(paths["run_dir"]) / "tmp" / name)},
-        "gpus": _gpus(proc),
-        "limits": _limits(proc),
-        "heartbeat_interval": proc.health.heartbeat_interval,
-        "stop_timeout": proc.stop.timeout,
-        "log": {"format": proc.log.format, "level": proc.log.level},
-    }
-    block = _kind_block(name, proc, config, ctx, paths)
-    if block:
-        doc[proc.kind] = block
-    return doc
+    blocks: dict[str, Any] = {}
+    if proc.kind == "trainer":
+        blocks["trainer"] = _trainer_block(proc)
+    elif proc.kind == "dashboard":
+        blocks["dashboard"] = _dashboard_block(proc, ctx)
+    elif proc.kind == "watchdog":
+        blocks["watchdog"] = _watchdog_block(proc, ctx, paths)
+    else:
+        blocks["command"] = contract.CommandBlock(port=proc.port)
+    return contract.ProcessFile(
+        generated=ctx.header,
+        format_version=FORMAT_VERSION,
+        project=config.project,
+        environment=ctx.env,
+        name=name,
+        kind=proc.kind,
+        user=proc.user,
+        durability=config.durability,
+        paths=contract.ProcessPaths(**paths, tmp_dir=str(Path(paths["run_dir"]) / "tmp" / name)),
+        gpus=_gpus(proc),
+        limits=_limits(proc),
+        heartbeat_interval=proc.health.heartbeat_interval,
+        stop_timeout=proc.stop.timeout,
+        log=contract.LogBlock(format=proc.log.format, level=proc.log.level),
+        **blocks,
+    )
 
 
 def supervisord_socket(config: KeelConfig, paths: dict[str, str]) -> str:
@@ -200,7 +234,28 @@ def dashboard_url(config: KeelConfig) -> str | None:
     return None
 
 
-def stack_file(config: KeelConfig, ctx: Context) -> dict[str, Any]:
+def _stack_process(name: str, proc: Any, config: KeelConfig, ctx: Context, paths: dict[str, str]) -> contract.StackProcess:
+    return contract.StackProcess(
+        kind=proc.kind,
+        program=program_name(config, name),
+        unit=unit_name(config, name),
+        user=proc.user,
+        command=process_command(name, proc, config, ctx),
+        config_file=str(ctx.build_dir / f"{name}.json"),
+        status_names=status_names(name, proc),
+        log_file=str(Path(paths["log_dir"]) / f"{name}.log"),
+        gpus=_gpus(proc),
+        limits=_limits(proc),
+        health=contract.Health(**proc.health.model_dump(mode="python")),
+        restart=contract.Restart(**proc.restart.model_dump(mode="python")),
+        stop=contract.Stop(**proc.stop.model_dump(mode="python")),
+        port=getattr(proc, "port", None),
+        priority=proc.priority,
+        autostart=proc.autostart,
+    )
+
+
+def stack_file(config: KeelConfig, ctx: Context) -> contract.StackFile:
     """`build/<env>/keel.json`: everything, for the watchdog, bin/launch, bin/status and bin/doctor."""
     paths = resolve_paths(config, ctx)
     sv = config.supervisord
@@ -208,43 +263,23 @@ def stack_file(config: KeelConfig, ctx: Context) -> dict[str, Any]:
         sv_config = str(ctx.build_dir / "supervisord.conf")
     else:
         sv_config = str(Path(sv.conf_dir) / f"{config.project}.conf")
-    processes = {}
-    for name, proc in config.processes.items():
-        processes[name] = {
-            "kind": proc.kind,
-            "program": f"{config.project}-{name}",
-            "unit": f"{config.project}-{name}.service",
-            "command": process_command(name, proc, config, ctx),
-            "config_file": str(ctx.build_dir / f"{name}.json"),
-            "status_names": status_names(name, proc),
-            "log_file": str(Path(paths["log_dir"]) / f"{name}.log"),
-            "gpus": _gpus(proc),
-            "limits": _limits(proc),
-            "health": proc.health.model_dump(mode="python"),
-            "restart": proc.restart.model_dump(mode="python"),
-            "stop": proc.stop.model_dump(mode="python"),
-            "port": getattr(proc, "port", None),
-            "priority": proc.priority,
-            "autostart": proc.autostart,
-        }
-    return {
-        "generated": ctx.header,
-        "format_version": FORMAT_VERSION,
-        "project": config.project,
-        "environment": ctx.env,
-        "backend": ctx.backend,
-        "durability": config.durability,
-        "paths": {**paths, "build_dir": str(ctx.build_dir)},
-        "control": {
-            "backend": ctx.backend,
-            "mode": sv.mode,
-            "socket": supervisord_socket(config, paths),
-            "config": sv_config,
-            "pidfile": str(Path(paths["run_dir"]) / "supervisord.pid"),
-            "group": config.project,
-            "unit_dir": config.systemd.unit_dir,
-            "target": f"{config.project}.target",
-        },
-        "dashboard_url": dashboard_url(config),
-        "processes": processes,
-    }
+    return contract.StackFile(
+        generated=ctx.header,
+        format_version=FORMAT_VERSION,
+        project=config.project,
+        environment=ctx.env,
+        backend=ctx.backend,
+        durability=config.durability,
+        paths=contract.StackPaths(**paths, build_dir=str(ctx.build_dir)),
+        control=contract.Control(
+            backend=ctx.backend,
+            mode=sv.mode,
+            socket=supervisord_socket(config, paths),
+            config=sv_config,
+            pidfile=str(Path(paths["run_dir"]) / "supervisord.pid"),
+            unit_dir=config.systemd.unit_dir,
+            target=f"{config.project}.target",
+        ),
+        dashboard_url=dashboard_url(config),
+        processes={name: _stack_process(name, proc, config, ctx, paths) for name, proc in config.processes.items()},
+    )

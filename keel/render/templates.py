@@ -1,6 +1,6 @@
 """Pure rendering: a validated environment -> a list of RenderedFile(path, text).
 
-Nothing here touches the disk (keel/writer.py does, atomically). Jinja runs with
+Nothing here touches the disk (keel/render/writer.py does, atomically). Jinja runs with
 StrictUndefined, so a missing value is an error rather than an empty line, and
 each target format has exactly one escaping filter per kind of value, defined
 here and nowhere else. A value a format cannot carry safely is refused with a
@@ -25,9 +25,11 @@ from keel.render.resolve import (
     process_command,
     process_environment,
     process_file,
+    program_name,
     resolve_paths,
     stack_file,
     supervisord_socket,
+    unit_name,
 )
 
 TEMPLATE_DIR = Path(__file__).resolve().parents[2] / "templates"
@@ -193,11 +195,13 @@ def _programs(config: KeelConfig, ctx: Context) -> list[dict[str, Any]]:
     out = []
     for name, proc in sorted(config.processes.items(), key=lambda item: (item[1].priority, item[0])):
         environment = process_environment(name, proc, paths, ctx)
-        environment["KEEL_CONFIG_DIGEST"] = config_digest(_json_text(process_file(name, config, ctx)))
+        environment["KEEL_CONFIG_DIGEST"] = config_digest(json_text(process_file(name, config, ctx).to_json()))
         out.append(
             {
                 "name": name,
                 "where": f"processes.{name}",
+                "program": program_name(config, name),  # [program:...], SyslogIdentifier=
+                "unit": unit_name(config, name),  # <unit>.service file name, the target's Wants=
                 "proc": proc,
                 "command": process_command(name, proc, config, ctx),
                 "environment": environment,
@@ -235,7 +239,7 @@ def _context(config: KeelConfig, ctx: Context) -> dict[str, Any]:
     }
 
 
-def _json_text(doc: dict[str, Any]) -> str:
+def json_text(doc: dict[str, Any]) -> str:
     return json.dumps(doc, indent=2, sort_keys=False, ensure_ascii=False) + "\n"
 
 
@@ -247,12 +251,12 @@ def render(config: KeelConfig, ctx: Context, *, install: bool = True) -> list[Re
     """Every file of one environment, for ctx.backend. `install=False` (--out) keeps all paths relative."""
     env = jinja_env()
     values = _context(config, ctx)
-    files = [RenderedFile(f"{name}.json", _json_text(process_file(name, config, ctx))) for name in config.processes]
-    files.append(RenderedFile("keel.json", _json_text(stack_file(config, ctx))))
+    files = [RenderedFile(f"{name}.json", json_text(process_file(name, config, ctx).to_json())) for name in config.processes]
+    files.append(RenderedFile("keel.json", json_text(stack_file(config, ctx).to_json())))
     if ctx.backend == "systemd":
         for program in values["programs"]:
             text = _render(env, "systemd/service.j2", {**values, "p": program})
-            files.append(RenderedFile(f"systemd/{config.project}-{program['name']}.service", text, 0o644))
+            files.append(RenderedFile(f"systemd/{program['unit']}", text, 0o644))
         files.append(RenderedFile(f"systemd/{config.project}.target", _render(env, "systemd/target.j2", values), 0o644))
         return files
     if config.supervisord.mode == "standalone":

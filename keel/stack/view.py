@@ -1,9 +1,11 @@
 """One consistent picture of a running stack, for `bin/status`, `bin/launch up` and `bin/doctor`.
 
-It joins the three sources of truth: what the backend says (supervisord/systemd
-state and pid), what each process says about itself (its status file), and what
-the OS says (psutil), and judges each process with the watchdog's own rules
-(keel.watch.health), so `bin/status` and the watchdog never disagree about health.
+It joins what the backend says (supervisord/systemd state and pid), what each
+process says about itself (its status file) and what the OS says (psutil). Health
+is the watchdog's: the verdict, restart count and last action it published in its
+own status (keel.watch.verdicts). When the watchdog is not reporting, or for the
+watchdog itself, each process is judged here with the same rules
+(keel.watch.health) and ``judged_by`` says so; restarts are then unknown (None).
 """
 
 from __future__ import annotations
@@ -15,10 +17,12 @@ from pathlib import Path
 from typing import Any
 
 from keel.watch import health
-from keel.control.backends import ControlBackend, ControlError, ProcessInfo
+from keel.watch.verdicts import ProcessHealth, health_for, judge, watchdog_report
+from keel.control.base import ControlBackend, ControlError, ProcessInfo
 from keel.status.models import ProcessStatus
-from keel.host.resources import ResourceSample, ResourceSampler
-from keel.status.files import ReadError, StatusReader
+from keel.host.sampling import ResourceSample, ResourceSampler
+from keel.status.reader import StatusReader
+from keel.status.results import ReadError
 
 
 class StackFileError(ValueError):
@@ -41,28 +45,33 @@ class ProcessView:
     name: str
     kind: str
     state: str  # the backend's word: RUNNING, STARTING, BACKOFF, STOPPED, FATAL, EXITED, UNKNOWN
-    health: str  # ok | starting | degraded | unhealthy | stopped
+    health: str  # keel.watch.verdicts.HEALTH_WORDS, or "unknown" (backend unreachable, no watchdog report)
     reason: str
     pid: int | None
     uptime_s: float | None
-    restarts: int
+    restarts: int | None  # the watchdog's restarts_total; None: the watchdog is not reporting
+    judged_by: str = "watchdog"  # or "local: <why>"
+    rule: str | None = None
+    last_action: str | None = None
+    last_action_reason: str | None = None
+    last_action_at: str | None = None  # ISO 8601 UTC
     step: int | None = None
     loss: float | None = None
     heartbeat_age_s: float | None = None
     progress_age_s: float | None = None
     gpus: list[int] = field(default_factory=list)
     status_error: str | None = None
+    write_failures: int = 0  # failed status/metrics writes the process reports (summed over its status files)
+    last_write_error: str | None = None
 
     def to_json(self) -> dict[str, Any]:
         return asdict(self)
 
-
-def _watchdog_restarts(run_dir: Path) -> dict[str, int]:
-    try:
-        data = json.loads((run_dir / "watchdog.state.json").read_text(encoding="utf-8"))
-        return {name: int(p.get("budget", {}).get("restarts_total", 0)) for name, p in data.get("processes", {}).items()}
-    except (OSError, ValueError, AttributeError):
-        return {}
+    def take(self, h: ProcessHealth) -> None:
+        self.health, self.reason, self.rule, self.judged_by = h.health, h.reason, h.rule, h.judged_by
+        self.restarts = h.restarts_total
+        self.last_action, self.last_action_reason = h.last_action, h.last_action_reason
+        self.last_action_at = h.last_action_at.isoformat().replace("+00:00", "Z") if h.last_action_at else None
 
 
 def _payload_value(status: ProcessStatus, key: str) -> Any:
@@ -91,7 +100,6 @@ def collect(
         backend_error = None
     except ControlError as exc:
         infos, backend_error = {}, str(exc)
-    restarts = _watchdog_restarts(run_dir)
 
     statuses: dict[str, dict[str, ProcessStatus | ReadError]] = {}
     pids: set[int] = set()
@@ -102,6 +110,11 @@ def collect(
         if info is not None and info.pid:
             pids.add(info.pid)
     sample: ResourceSample = sampler.sample(sorted(pids))
+    wd_name = next((n for n, p in stack["processes"].items() if p["kind"] == "watchdog"), None)
+    report, why = watchdog_report(
+        next(iter(statuses[wd_name].values()), None) if wd_name else None, sample,
+        stack["processes"][wd_name] if wd_name else None, now_mono,
+    )
 
     views = []
     for name, proc in stack["processes"].items():
@@ -112,29 +125,34 @@ def collect(
         running_since = now_mono - uptime if uptime is not None else None
         view = ProcessView(
             name=name, kind=proc["kind"], state=state, health="unknown", reason="", pid=pid,
-            uptime_s=round(uptime, 1) if uptime is not None else None, restarts=restarts.get(name, 0),
+            uptime_s=round(uptime, 1) if uptime is not None else None, restarts=None,
         )
-        if state in ("STOPPED", "EXITED", "ABSENT") or (state == "UNKNOWN" and backend_error):
-            view.health = "stopped" if state != "UNKNOWN" else "unknown"
-            view.reason = backend_error or f"{state.lower()} by the backend"
-            views.append(view)
-            continue
-        ctx = health.Context(backend_state=state, backend_pid=pid, running_since=running_since)
-        verdicts = []
         for status_name, status in statuses[name].items():
-            verdicts.append(health.worst(health.evaluate(status, sample, proc, now_mono, ctx)))
             if isinstance(status, ProcessStatus):
                 view.heartbeat_age_s = round(status.heartbeat_age(now_mono), 1)
                 age = status.progress_age(now_mono)
                 view.progress_age_s = round(age, 1) if age is not None else None
                 view.gpus = list(status.gpus)
+                view.write_failures += status.write_failures
+                view.last_write_error = view.last_write_error or status.last_write_error
                 if status_name == proc["status_names"][0]:
                     view.step = _payload_value(status, "step")
                     view.loss = _payload_value(status, "loss")
             else:
                 view.status_error = f"{type(status).__name__.lower()}: {status.detail}"
-        worst = health.worst(verdicts)
-        view.health, view.reason = worst.level.value, worst.reason
+        if state == "UNKNOWN" and backend_error:
+            verdict = None
+        elif state in ("STOPPED", "EXITED", "ABSENT"):
+            verdict = health.HealthVerdict(health.Level.OK, f"{state.lower()} by the backend", "not_running")
+        else:
+            ctx = health.Context(backend_state=state, backend_pid=pid, running_since=running_since)
+            verdict = judge(statuses[name].values(), sample, proc, now_mono, ctx)[0]
+        watched = proc["kind"] != "watchdog"  # it cannot restart itself; the backend does
+        if verdict is None and not (watched and report is not None and name in report.processes):
+            view.health, view.reason, view.judged_by = "unknown", backend_error or "", f"local: {why}"
+        else:
+            placeholder = health.HealthVerdict(health.Level.OK, "", "unknown")  # not used: the report has it
+            view.take(health_for(name, report, why, verdict or placeholder, watched=watched))
         views.append(view)
     return views
 

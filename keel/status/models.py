@@ -102,14 +102,31 @@ class DashboardState(BaseModel):
     read_errors: dict[str, str] = {}
 
 
+class WatchedProcess(BaseModel):
+    """The watchdog's judgement of one watched process in its last poll (docs/watchdog.md, "What it publishes")."""
+
+    model_config = _CONFIG
+
+    health: str  # ok | starting | degraded | unhealthy | failed (gave up) | stopped (on purpose): keel.watch.verdicts
+    rule: str  # the verdict's stable rule id (keel.watch.health)
+    reason: str
+    pid: int | None = None
+    restarts_total: int = 0  # restarts (and starts of a FATAL process) the watchdog did, never reset
+    last_action: str | None = None  # the last event about it other than "observed": restart, gave_up, deferred, ...
+    last_action_reason: str | None = None
+    last_action_at: UtcDatetime | None = None
+
+
 class WatchdogStatus(BaseModel):
-    """Payload for kind "watchdog"."""
+    """Payload for kind "watchdog": its own progress and, per watched process, its verdict (the one truth)."""
 
     model_config = _CONFIG
 
     processes_watched: list[str] = []
     last_poll: UtcDatetime | None = None
     actions_taken: int = 0
+    poll_interval: float | None = None
+    processes: dict[str, WatchedProcess] = {}
 
 
 PAYLOAD_MODELS: dict[str, type[BaseModel]] = {
@@ -161,6 +178,7 @@ class ProcessStatus(BaseModel):
     # The status channel degrades, never kills: failed status/metrics writes since start, and the last one's error.
     write_failures: int = 0
     last_write_error: str | None = None
+    metrics_dropped: int = 0  # metrics records given up on (memory budget full while writes failed)
     gpus: list[int] = []
     payload: Payload = None
 

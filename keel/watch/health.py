@@ -28,8 +28,8 @@ from enum import Enum
 from typing import Any
 
 from keel.status.models import ProcessStatus, State
-from keel.host.resources import ProcessSample, ResourceSample
-from keel.status.files import ReadError, Stale
+from keel.host.sampling import ProcessSample, ResourceSample
+from keel.status.results import ReadError, Stale
 
 __all__ = [
     "Context",
@@ -87,6 +87,9 @@ class Context:
     consecutive: int = 3
     backend_restarts: int = 0  # runs the backend itself started (autorestart) within the restart window
     max_backend_restarts: int | None = None  # more than this: a crash loop the backend never gives up on
+    # Why no status write can succeed now (keel.host.disk: run dir full or read-only), or None. Then a stale
+    # heartbeat or progress is no evidence of a hang: the writer degrades and keeps working.
+    status_channel_blocked: str | None = None
 
 
 class Identity(str, Enum):
@@ -314,4 +317,17 @@ def evaluate(
         )
         if v is not None
     ]
+    if ctx.status_channel_blocked:
+        verdicts = [_unjudgeable(v, ctx.status_channel_blocked) for v in verdicts]
     return verdicts or [HealthVerdict(Level.OK, "healthy", "ok")]
+
+
+# Rules that read the age of what the process wrote: meaningless while it cannot write.
+_AGE_RULES = ("heartbeat_stale", "progress_stale")
+
+
+def _unjudgeable(v: HealthVerdict, why: str) -> HealthVerdict:
+    if v.rule not in _AGE_RULES:
+        return v
+    return HealthVerdict(Level.DEGRADED, f"{v.reason}, but {why}: status writes are failing, not the process",
+                         "status_channel_blocked")

@@ -7,7 +7,6 @@ Loads its resolved file and ``keel.json``, polls on a fixed grid until SIGTERM, 
 from __future__ import annotations
 
 import argparse
-import json
 import logging
 import signal
 import sys
@@ -15,8 +14,9 @@ import threading
 from pathlib import Path
 from typing import Callable
 
-from keel.control.backends import backend_for
-from keel.host.resources import ResourceSampler
+from keel.control.factory import backend_for
+from keel.host.sampling import ResourceSampler
+from keel.render.contract import ContractError, load_process_file, load_stack
 from keel.status.models import State
 from keel.watch.settings import WatchdogSettings
 from keel.watch.watchdog import Watchdog
@@ -29,6 +29,12 @@ def _mtime(path: Path) -> int | None:
         return path.stat().st_mtime_ns
     except OSError:
         return None
+
+
+def _load_stack(path: Path) -> dict:
+    """keel.json checked against the contract; handed on as its JSON dict, which Watchdog and
+    backend_for still take (they move to StackFile with keel.watch.watchdog / keel.control)."""
+    return load_stack(path).to_json()
 
 
 def run(watchdog: Watchdog, stop: threading.Event, *, on_poll: Callable[[], None] | None = None) -> None:
@@ -62,14 +68,12 @@ def main(argv: list[str] | None = None) -> int:
     from keel.status.reporter import ProcessReporter
 
     try:
-        resolved = json.loads(Path(args.config).read_text())
-        settings = WatchdogSettings.from_resolved(resolved)
-        stack = json.loads(settings.stack.read_text())
-    except (OSError, ValueError, KeyError) as exc:
+        settings = WatchdogSettings.from_process_file(load_process_file(args.config), args.config)
+        stack = _load_stack(settings.stack)
+    except ContractError as exc:  # names the file and the key
         print(f"watchdog: cannot load configuration: {exc}", file=sys.stderr)
         return 2
-    logcfg = resolved.get("log", {})
-    setup_logging(resolved.get("name", "watchdog"), fmt=logcfg.get("format", "auto"), level=logcfg.get("level", "INFO"))
+    setup_logging(settings.name, fmt=settings.log_format, level=settings.log_level)  # type: ignore[arg-type]
 
     stop = threading.Event()
     signal.signal(signal.SIGTERM, lambda *_: stop.set())
@@ -77,7 +81,7 @@ def main(argv: list[str] | None = None) -> int:
 
     settings.run_dir.mkdir(parents=True, exist_ok=True)
     watchdog = Watchdog(stack, settings, backend=backend_for(stack), sampler=ResourceSampler())
-    reporter = ProcessReporter(settings.run_dir, resolved.get("name", "watchdog"), "watchdog",
+    reporter = ProcessReporter(settings.run_dir, settings.name, "watchdog",
                                heartbeat_interval=settings.heartbeat_interval)
     reporter.start(payload=WatchdogStatus(processes_watched=sorted(watchdog.watched)))
     reporter.set_state(State.RUNNING)
@@ -88,16 +92,16 @@ def main(argv: list[str] | None = None) -> int:
 
     def on_poll() -> None:
         nonlocal stack_mtime
-        reporter.progress(last_poll=utc_now(), actions_taken=watchdog.actions_taken)
+        reporter.progress(last_poll=utc_now(), **watchdog.status_fields())
         mtime = _mtime(settings.stack)
         if mtime != stack_mtime:  # bin/render-config rewrote keel.json: follow it without a restart
             stack_mtime = mtime
             try:
-                new = json.loads(settings.stack.read_text())
+                new = _load_stack(settings.stack)
                 watchdog.set_stack(new, backend_for(new))
                 watchdog.emit(process=None, action="stack_reloaded",
                               reason=f"{settings.stack} changed; watching {', '.join(sorted(watchdog.watched))}")
-            except (OSError, ValueError, KeyError) as exc:
+            except (ContractError, KeyError) as exc:
                 watchdog.emit(process=None, action="stack_reload_failed", reason=f"{settings.stack}: {exc}")
 
     try:

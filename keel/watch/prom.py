@@ -20,7 +20,7 @@ from prometheus_client.registry import Collector
 __all__ = ["GpuRow", "HEALTH_CODES", "ProcessRow", "STATES", "write_textfile"]
 
 # keel_process_health's value: also in docs/watchdog.md.
-HEALTH_CODES = {"ok": 0, "starting": 1, "degraded": 2, "unhealthy": 3, "failed": 4}
+HEALTH_CODES = {"ok": 0, "starting": 1, "degraded": 2, "unhealthy": 3, "failed": 4, "stopped": 5}
 STATES = ("starting", "running", "stopping", "stopped", "failed", "unknown")
 
 
@@ -73,7 +73,7 @@ class _Snapshot(Collector):
 
         up = GaugeMetricFamily("keel_process_up", "1 if the process runs (its pid is alive and its own).", labels=labels)
         health = GaugeMetricFamily(
-            "keel_process_health", "Watchdog verdict: 0 ok, 1 starting, 2 degraded, 3 unhealthy, 4 failed (gave up).",
+            "keel_process_health", "Watchdog verdict: 0 ok, 1 starting, 2 degraded, 3 unhealthy, 4 failed (gave up), 5 stopped (on purpose).",
             labels=labels,
         )
         state = GaugeMetricFamily("keel_process_state", "1 for the state the process reports.", labels=labels + ["state"])

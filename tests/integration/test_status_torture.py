@@ -19,7 +19,10 @@ from pathlib import Path
 import pytest
 
 from keel.status.models import ProcessStatus, State
-from keel.status.files import JsonlTail, JsonlWriter, StatusReader, StatusWriter
+from keel.status.jsonl import JsonlWriter
+from keel.status.jsonl_tail import JsonlTail
+from keel.status.reader import StatusReader
+from keel.status.snapshot import StatusWriter
 from tests.support import is_alive
 
 pytestmark = pytest.mark.slow

@@ -5,13 +5,12 @@ from __future__ import annotations
 import os
 import signal
 import statistics
-import time
 
 import pytest
 import torch
 
 from keel.status.models import State
-from tests.integration.trainer_fixtures import gone, start_trainer, write_config
+from tests.integration.trainer_fixtures import NO_VALIDATION, gone, start_trainer, write_config
 from tests.support import wait_until
 from trainer.checkpoint import CheckpointStore, checkpoint_name
 
@@ -50,10 +49,8 @@ def test_trains_loss_falls_reports_and_stops_cleanly_on_sigterm_to_the_group(tmp
     assert len(summaries) < summaries[-1]["step"]
 
     # supervisord's stopasgroup signals the whole process group: workers must not crash the trainer.
-    t0 = time.monotonic()
     os.killpg(tp.pid, signal.SIGTERM)
-    assert tp.wait(timeout=15) == 0
-    assert time.monotonic() - t0 < 15.0
+    assert tp.wait(timeout=60) == 0  # a bound on the wait; the trainer exits 0 after a clean stop
     st = tp.status()
     assert st.state == State.STOPPED
     final = st.payload.step
@@ -65,7 +62,7 @@ def test_trains_loss_falls_reports_and_stops_cleanly_on_sigterm_to_the_group(tmp
 
 
 def test_sigkill_then_restart_resumes_skipping_a_corrupt_checkpoint_and_double_sigterm_is_safe(tmp_path, reaper):
-    config = write_config(tmp_path, num_workers=1, val_every_steps=0)
+    config = write_config(tmp_path, num_workers=1, val_every_steps=NO_VALIDATION)
     tp = start_trainer(reaper, config)
     store = CheckpointStore(tp.checkpoint_dir)
     wait_until(lambda: len(store.steps()) >= 2, 60, what="two checkpoints")
@@ -100,9 +97,9 @@ def test_sigkill_then_restart_resumes_skipping_a_corrupt_checkpoint_and_double_s
 
     # Two SIGTERMs close together: the second arrives while stopping and must change nothing.
     os.kill(tp2.pid, signal.SIGTERM)
-    time.sleep(0.02)
-    os.kill(tp2.pid, signal.SIGTERM)
-    assert tp2.wait(timeout=15) == 0
+    wait_until(lambda: "stopping" in _states(tp2), 30, what="state=stopping after the first SIGTERM")
+    os.kill(tp2.pid, signal.SIGTERM)  # a zombie until tp2.wait reaps it: the kill cannot miss
+    assert tp2.wait(timeout=60) == 0
     assert tp2.status().state == State.STOPPED
     latest = CheckpointStore(tp.checkpoint_dir).load_latest()
     assert latest is not None and latest.step == tp2.status().payload.step

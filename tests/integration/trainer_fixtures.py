@@ -12,58 +12,35 @@ from typing import Any
 
 import psutil
 
-from keel.status.files import StatusReader
+from keel.status.reader import StatusReader
+from tests.resolved import resolve_stack
 from tests.support import PYTHON, REPO_ROOT, ProcessReaper
+
+# val_every_steps past any test's last step: no validation pass runs (the model requires >= 1).
+NO_VALIDATION = 1_000_000
+# Report intervals (seconds; durations must be > 0) shorter than any training step: every step is
+# due, so each gets its own metrics record -- except the first, which starts the rate clock and is
+# folded into the second step's record.
+EVERY_STEP = {"status_interval": 1e-9, "metrics_interval": 1e-9}
 
 
 def write_config(tmp_path: Path, *, name: str = "trainer", **trainer: Any) -> Path:
-    """A resolved trainer.json shaped like docs/internals.md, with short intervals for tests.
+    """`<tmp_path>/<name>.json` for one trainer, written by the real resolver, with short intervals for tests.
 
-    Keyword arguments replace keys of the `trainer` block (nested dicts replace whole).
+    Keyword arguments are the trainer's config keys (`max_steps=7`, `checkpoint={"every_seconds": "1s"}`;
+    a nested dict replaces that section, whose other keys then take the model's defaults).
     """
-    root = tmp_path
-    block: dict[str, Any] = {
-        "entry": None,
-        "launcher": "python",
-        "torchrun": {"nproc_per_node": 2, "nnodes": 1, "backend": "auto"},
-        "threads": 1,
-        "seed": 0,
-        "max_steps": None,
-        "batch_size": 64,
-        "learning_rate": 0.003,
-        "val_every_steps": 100,
-        "num_workers": 2,
-        "checkpoint": {"every_seconds": 1.0, "every_steps": None, "keep": 3},
-        "report": {"status_interval": 0.2, "metrics_interval": 0.2},
-        "on_nan": "stop",
-        "params": {},
-    }
-    block.update(trainer)
-    doc = {
-        "generated": "written by tests/integration/trainer_fixtures.py",
-        "format_version": 1,
-        "project": "keel",
-        "environment": "test",
-        "name": name,
+    settings: dict[str, Any] = {
         "kind": "trainer",
-        "durability": "none",
-        "paths": {
-            "root": str(root),
-            "run_dir": str(root / "run"),
-            "log_dir": str(root / "log"),
-            "checkpoint_dir": str(root / "checkpoints"),
-            "tmp_dir": str(root / "run" / "tmp" / name),
-        },
-        "gpus": [],
-        "limits": {"memory_bytes": None, "gpu_memory_bytes": None, "gpu_memory_fraction": None},
-        "heartbeat_interval": 0.3,
-        "stop_timeout": 15.0,
-        "log": {"format": "json", "level": "INFO"},
-        "trainer": block,
+        "val_every_steps": 100,
+        "checkpoint": {"every_seconds": "1s"},
+        "report": {"status_interval": "200ms", "metrics_interval": "200ms"},
+        "health": {"heartbeat_interval": "300ms"},
+        "stop": {"timeout": "15s"},
     }
-    path = root / f"{name}.json"
-    path.write_text(json.dumps(doc, indent=2))
-    return path
+    settings.update(trainer)
+    resolve_stack(tmp_path, {name: settings})
+    return tmp_path / f"{name}.json"
 
 
 class TrainerProcess:

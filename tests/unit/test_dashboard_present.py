@@ -1,4 +1,4 @@
-"""dashboard.present: rows, verdicts and labels; every typed read error renders as itself."""
+"""dashboard.present: rows, labels and colours from keel.watch.verdicts; every typed read error renders as itself."""
 
 from __future__ import annotations
 
@@ -7,12 +7,14 @@ from datetime import datetime, timedelta, timezone
 import pytest
 
 from keel.status.models import ProcessStatus, State, TrainingStatus
-from keel.status.files import Corrupt, Missing, Stale, TooLarge, Unreadable, UnknownVersion
+from keel.status.results import Corrupt, Missing, Stale, TooLarge, Unreadable, UnknownVersion
+
+from keel.host.sampling import HostSample, ProcessSample, ResourceSample
+from keel.watch.verdicts import BY_WATCHDOG, ProcessHealth, health_from_files
 
 from dashboard.config import ProcessInfo
 from dashboard.present import (
-    BAD, GREY, OK, WARN, PidCheck, event_line, fmt_age, fmt_num, is_restart, judge, overall,
-    process_rows, training_summary,
+    BAD, GREY, OK, WARN, event_line, fmt_age, fmt_num, health_verdict, overall, process_rows, training_summary,
 )
 
 NOW_WALL = datetime(2026, 1, 1, 12, 0, 0, tzinfo=timezone.utc)
@@ -33,9 +35,26 @@ def status(state=State.RUNNING, hb_age=1.0, progress_age=1.0, kind="trainer", na
     )
 
 
+TRAINER_ENTRY = {"kind": "trainer", "status_names": ["trainer"],
+                 "health": {"heartbeat_timeout": 10.0, "progress_timeout": 20.0, "startup_grace": 30.0}}
+
+
+def sample(alive=True, create_time=123.0) -> ResourceSample:
+    proc = ProcessSample(pid=4242, alive=alive, create_time=create_time, rss_bytes=1, cpu_percent=0.0, num_procs=1)
+    return ResourceSample(NOW, HostSample(0.0, 1, 2), {4242: proc}, [], "no GPU", {})
+
+
+def local(result, running_for=100.0, smp=None):
+    """The page's local verdict (no watchdog in this stack): keel.watch.verdicts with the watchdog's rules."""
+    statuses = {"trainer": result} if result is not None else {}
+    health, why = health_from_files({"trainer": TRAINER_ENTRY}, statuses, smp or sample(), NOW,
+                                    {"trainer": NOW - running_for})
+    return health
+
+
 def rows_for(result, **kw):
-    cols, verdicts = process_rows([TRAINER], {"trainer": result} if result is not None else {}, NOW, NOW_WALL,
-                                  host="h", **kw)
+    cols, verdicts = process_rows([TRAINER], {"trainer": result} if result is not None else {}, local(result, **kw),
+                                  NOW, NOW_WALL, host="h")
     return {k: v[0] for k, v in cols.items()}, verdicts[0]
 
 
@@ -57,10 +76,10 @@ def test_every_read_error_is_a_greyed_row_with_its_name_and_detail(err, label, l
     assert label in html and "step" not in html
 
 
-def test_stale_read_error_keeps_values_but_greys_them_and_says_why():
+def test_a_stale_status_keeps_values_but_greys_them_and_says_why():
     st = status(hb_age=60.0, progress_age=60.0)
     row, v = rows_for(Stale("/r/trainer.status.json", "heartbeat 60s old", 60.0, st))
-    assert v.label == "stale" and v.level == BAD and row["color"] == GREY
+    assert v.label == "unhealthy" and v.level == BAD and row["color"] == GREY and "frozen" in row["note"]
     assert row["pid"] == "4242" and row["heartbeat"] == "1m"
     html = training_summary(Stale("/r/x", "old", 60.0, st), NOW, 10.0)
     assert "step <b>7" in html and "as of 1m ago" in html and GREY in html
@@ -74,24 +93,33 @@ def test_running_and_fresh_is_ok_and_current():
     assert "as of" not in html and "loss <b>0.5" in html
 
 
-@pytest.mark.parametrize("kw, label", [
-    (dict(hb_age=11.0), "stale"),
-    (dict(progress_age=25.0), "hung"),
-    (dict(progress_age=None, started_ago=100.0), "no progress"),
-    (dict(progress_age=None, started_ago=10.0), "ok"),  # still in startup grace
-    (dict(state=State.FAILED), "failed"),
-    (dict(state=State.STOPPED), "stopped"),
-    (dict(state=State.STARTING, progress_age=None, started_ago=1.0), "starting"),
+@pytest.mark.parametrize("kw, running_for, label, rule", [
+    (dict(hb_age=11.0), 100.0, "unhealthy", "heartbeat_stale"),
+    (dict(progress_age=25.0), 100.0, "unhealthy", "progress_stale"),
+    (dict(progress_age=None), 100.0, "unhealthy", "progress_stale"),
+    (dict(progress_age=None), 10.0, "ok", "ok"),  # still in startup grace
+    (dict(state=State.FAILED), 100.0, "unhealthy", "state_failed"),
+    (dict(state=State.STARTING, progress_age=None), 1.0, "starting", "state_starting"),
 ])
-def test_verdicts_from_ages_and_state(kw, label):
-    assert judge(status(**kw), TRAINER, NOW, NOW_WALL).label == label
+def test_without_a_watchdog_the_page_judges_with_the_watchdogs_rules_and_says_so(kw, running_for, label, rule):
+    h = local(status(**kw), running_for)["trainer"]
+    assert (h.health, h.rule, h.restarts_total) == (label, rule, None)
+    assert h.judged_by == "local: watchdog not reporting: no watchdog in this stack"
+    v = health_verdict(h)
+    assert v.label == label and (label == "ok" or "[local: watchdog not reporting" in v.note)
 
 
-def test_dead_and_reused_pids_are_caught():
-    assert judge(status(), TRAINER, NOW, NOW_WALL, PidCheck(False, None)).label == "dead"
-    reused = judge(status(), TRAINER, NOW, NOW_WALL, PidCheck(True, 999.0))
-    assert reused.label == "dead" and "reused" in reused.note
-    assert judge(status(), TRAINER, NOW, NOW_WALL, PidCheck(True, 123.2)).label == "ok"
+def test_dead_and_reused_pids_are_caught_with_the_watchdogs_tolerance():
+    assert local(status(), smp=sample(alive=False))["trainer"].rule == "pid_gone"
+    assert local(status(), smp=sample(create_time=123.2))["trainer"].rule == "pid_reused"  # > 0.05 s apart
+    assert local(status(), smp=sample(create_time=123.01))["trainer"].health == "ok"
+
+
+def test_the_watchdogs_verdict_is_shown_as_published_with_its_colour():
+    for word, level in (("ok", OK), ("starting", WARN), ("degraded", WARN), ("unhealthy", BAD), ("failed", BAD),
+                        ("stopped", WARN)):
+        v = health_verdict(ProcessHealth(word, "r", "why", BY_WATCHDOG, 3))
+        assert (v.label, v.level) == (word, level) and v.note == ("" if word == "ok" else "why")
 
 
 def test_status_from_another_host_has_no_ages():
@@ -99,12 +127,20 @@ def test_status_from_another_host_has_no_ages():
     assert v.label == "other host" and row["heartbeat"] == "—" and row["color"] == GREY
 
 
-def test_rows_follow_stack_order_then_extra_files_and_restarts_come_from_events():
-    cols, _ = process_rows([TRAINER], {"zeta": status(name="zeta", kind="command"), "trainer": status()},
-                           NOW, NOW_WALL, restarts={"trainer": 2}, host="h")
-    assert cols["name"] == ["trainer", "zeta"] and cols["restarts"] == ["2", "—"]
-    assert is_restart({"action": "restart", "process": "trainer"}) == "trainer"
-    assert is_restart({"action": "alert", "process": "trainer"}) is None
+def test_rows_follow_stack_order_then_extra_files_and_restarts_are_the_watchdogs():
+    published = ProcessHealth("ok", "ok", "healthy", BY_WATCHDOG, 2, "restart", "heartbeat stale")
+    rank = ProcessInfo("trainer", "trainer", ("trainer", "trainer.rank1"), None, 10.0, 20.0, 30.0)
+    cols, _ = process_rows([rank], {"zeta": status(name="zeta", kind="command"), "trainer": status(),
+                                    "trainer.rank1": status(name="trainer.rank1")},
+                           {"trainer": published}, NOW, NOW_WALL, host="h")
+    # every torchrun rank shows its process's count; a file the watchdog does not judge shows none
+    assert cols["name"] == ["trainer", "trainer.rank1", "zeta"] and cols["restarts"] == ["2", "2", "—"]
+
+
+def test_failed_status_writes_are_shown():
+    st = status().model_copy(update={"write_failures": 3, "last_write_error": "[Errno 28] No space left on device"})
+    row, _ = rows_for(st)
+    assert row["writes"] == "3" and "No space left" in row["note"]
 
 
 def test_overall():

@@ -8,8 +8,8 @@ import pytest
 
 from keel.watch.health import Context, Identity, Level, evaluate, identity, worst
 from keel.status.models import ProcessStatus, State, TrainingStatus
-from keel.host.resources import HostSample, ProcessSample, ResourceSample
-from keel.status.files import Corrupt, Missing, Stale
+from keel.host.sampling import HostSample, ProcessSample, ResourceSample
+from keel.status.results import Corrupt, Missing, Stale
 
 PID, START = 4242, 1_700_000_000.25
 NOW = 10_000.0
@@ -200,3 +200,42 @@ def test_an_exit_the_backend_has_not_noticed_yet_is_left_to_the_backend():
     # supervisord still says RUNNING with the dead pid (it reaps on its next tick): not ours to restart.
     v = verdict(status(), sample(alive=False), ctx=Context("RUNNING", PID, NOW - 100))
     assert (v.level, v.rule) == (Level.STARTING, "pid_gone")
+
+
+def test_a_stale_heartbeat_while_the_run_dir_is_full_is_degraded_not_unhealthy():
+    """The status channel degrades instead of killing: a full disk must never read as a frozen trainer."""
+    blocked = Context("RUNNING", PID, running_since=NOW - 100, status_channel_blocked="run dir /r is full (3 KiB free)")
+    vs = evaluate(status(hb_age=60, progress_age=60), sample(), CONFIG, NOW, blocked)
+    assert {v.rule for v in vs} == {"status_channel_blocked"} and all(v.level is Level.DEGRADED for v in vs)
+    assert "full" in worst(vs).reason and "frozen" in worst(vs).reason
+    # Everything that does not read an age is judged as usual.
+    assert verdict(status(state=State.FAILED), ctx=blocked).level is Level.UNHEALTHY
+
+
+def test_status_channel_blocked_on_a_real_full_filesystem(tmp_path):
+    import os
+    import subprocess
+
+    from keel.host.disk import status_channel_blocked
+
+    assert status_channel_blocked(tmp_path) is None
+    if os.geteuid() != 0:
+        pytest.skip("mounting a tmpfs needs root")
+    mnt = tmp_path / "mnt"
+    mnt.mkdir()
+    subprocess.run(["mount", "-t", "tmpfs", "-o", "size=1M", "tmpfs", str(mnt)], check=True)
+    try:
+        with open(mnt / "filler", "wb") as f:
+            try:
+                while True:
+                    f.write(b"\0" * 65536)
+                    f.flush()
+            except OSError:
+                pass
+        assert "full" in status_channel_blocked(mnt)
+        (mnt / "filler").unlink()
+        assert status_channel_blocked(mnt) is None
+        subprocess.run(["mount", "-o", "remount,ro", str(mnt)], check=True)
+        assert "read-only" in status_channel_blocked(mnt)
+    finally:
+        subprocess.run(["umount", str(mnt)], check=True)

@@ -9,7 +9,8 @@ import pytest
 
 from keel.status.models import ProcessStatus, State, TrainingStatus
 from keel.status.reporter import ProcessReporter
-from keel.status.files import JsonlTail, StatusReader
+from keel.status.jsonl_tail import JsonlTail
+from keel.status.reader import StatusReader
 from tests.support import wait_until
 
 
@@ -86,7 +87,7 @@ def test_heartbeat_and_main_thread_write_concurrently(tmp_path):
 
 
 def test_heartbeat_survives_a_failing_beat_and_stops_cleanly():
-    from keel.status.files import Heartbeat
+    from keel.status.heartbeat import Heartbeat
 
     calls = []
 

@@ -1,108 +1,19 @@
-"""keel.host.resources: process-tree sampling, NVML degradation, auto:N GPU allocation, process dirs."""
+"""keel.host.sampling and keel.host.gpus: process-tree sampling, and NVML's absence or failures degrading."""
 
 from __future__ import annotations
 
 import os
-import stat
 import subprocess
 import time
-from dataclasses import dataclass
-from pathlib import Path
 
 import psutil
 import pynvml
 import pytest
 
-from keel.host.resources import (
-    GpuAllocationTimeout,
-    gpus_for_process,
-    NotEnoughGpus,
-    ResourceSampler,
-    allocate_gpus,
-    prepare_process_dirs,
-)
-from tests.support import PYTHON, REPO_ROOT, is_alive, wait_until
-
-# Every error class nvidia-ml-py defines (NVMLError_LibraryNotFound, _GpuIsLost, _DriverNotLoaded, ...).
-NVML_ERRORS = sorted(
-    (c for n, c in vars(pynvml).items() if n.startswith("NVMLError_") and isinstance(c, type)), key=lambda c: c.__name__
-)
-
-
-@dataclass
-class _Mem:
-    used: int
-    total: int
-
-
-@dataclass
-class _Util:
-    gpu: int
-
-
-@dataclass
-class _Proc:
-    pid: int
-    usedGpuMemory: int | None
-
-
-class FakeNvml:
-    """Stands in for pynvml with the real module's error classes; `fail` maps a function name to an error class."""
-
-    NVMLError = pynvml.NVMLError
-    NVML_TEMPERATURE_GPU = 0
-
-    def __init__(self, gpus: list[dict] | None = None, fail: dict[str, type] | None = None) -> None:
-        self.gpus = gpus or []
-        self.fail = fail or {}
-        self.init_calls = 0
-        self.shutdown_calls = 0
-
-    def _check(self, fn: str, index: int | None = None) -> None:
-        err = self.fail.get(fn) or (self.fail.get(f"{fn}:{index}") if index is not None else None)
-        if err is not None:
-            raise err()
-
-    def nvmlInit(self) -> None:
-        self.init_calls += 1
-        self._check("nvmlInit")
-
-    def nvmlShutdown(self) -> None:
-        self.shutdown_calls += 1
-
-    def nvmlDeviceGetCount(self) -> int:
-        self._check("nvmlDeviceGetCount")
-        return len(self.gpus)
-
-    def nvmlDeviceGetHandleByIndex(self, i: int) -> int:
-        self._check("nvmlDeviceGetHandleByIndex", i)
-        return i
-
-    def nvmlDeviceGetName(self, h: int) -> str:
-        return self.gpus[h].get("name", "Fake GPU")
-
-    def nvmlDeviceGetMemoryInfo(self, h: int) -> _Mem:
-        self._check("nvmlDeviceGetMemoryInfo", h)
-        return _Mem(self.gpus[h].get("used", 0), self.gpus[h].get("total", 80 << 30))
-
-    def nvmlDeviceGetUtilizationRates(self, h: int) -> _Util:
-        self._check("nvmlDeviceGetUtilizationRates", h)
-        return _Util(self.gpus[h].get("util", 0))
-
-    def nvmlDeviceGetTemperature(self, h: int, sensor: int) -> int:
-        self._check("nvmlDeviceGetTemperature", h)
-        return 40
-
-    def nvmlDeviceGetPowerUsage(self, h: int) -> int:
-        self._check("nvmlDeviceGetPowerUsage", h)
-        return 150_000
-
-    def nvmlDeviceGetComputeRunningProcesses(self, h: int) -> list[_Proc]:
-        self._check("nvmlDeviceGetComputeRunningProcesses", h)
-        return [_Proc(pid, mem) for pid, mem in self.gpus[h].get("procs", {}).items()]
-
-    def nvmlDeviceGetGraphicsRunningProcesses(self, h: int) -> list[_Proc]:
-        return []
+from keel.host.gpus import Nvml, NvmlUnusable, query_gpus
+from keel.host.sampling import ResourceSampler
+from tests.support import PYTHON, is_alive, wait_until
+from tests.unit.fake_nvml import NVML_ERRORS, FakeNvml
 
 
 # --------------------------------------------------------------------------- sampling
@@ -214,109 +125,59 @@ def test_close_shuts_nvml_down():
     assert fake.shutdown_calls == 1
 
 
-# --------------------------------------------------------------------------- allocation
+# --------------------------------------------------------------------------- NVML failures
 
 
-def test_allocation_prefers_least_used_gpus(tmp_path):
-    fake = FakeNvml([{"used": 9}, {"used": 1, "util": 90}, {"used": 1, "util": 10}, {"used": 5}])
-    with allocate_gpus(2, tmp_path, "trainer", nvml=fake) as a:
-        assert a.indices == [2, 1] and a.cuda_visible_devices == "2,1"
-        assert (tmp_path / "gpu2.lock").read_text().startswith("trainer pid=")
+def test_a_gpu_lost_between_samples_is_skipped_and_named_then_comes_back():
+    fake = FakeNvml([{"used": 1}, {"used": 2}])
+    sampler = ResourceSampler(nvml=fake)
+    assert [g.index for g in sampler.sample([]).gpus] == [0, 1]
+    fake.fail["nvmlDeviceGetHandleByIndex:1"] = pynvml.NVMLError_GpuIsLost  # falls off the bus mid-run
+    s = sampler.sample([os.getpid()])
+    assert [g.index for g in s.gpus] == [0]
+    assert s.gpu_error == "GPU metrics incomplete: GPU 1: GPU is lost"
+    assert s.processes[os.getpid()].alive  # the processes are still measured
+    del fake.fail["nvmlDeviceGetHandleByIndex:1"]
+    s = sampler.sample([])
+    assert [g.index for g in s.gpus] == [0, 1] and s.gpu_error is None
+    assert fake.init_calls == 1  # NVML was not re-initialised for a per-GPU failure
 
 
-def test_allocation_skips_locked_gpus_and_times_out_when_none_are_free(tmp_path):
-    fake = FakeNvml([{}, {}, {}])
-    first = allocate_gpus(2, tmp_path, "a", nvml=fake)
-    second = allocate_gpus(1, tmp_path, "b", nvml=fake)
-    assert not set(first.indices) & set(second.indices)
-    t0 = time.monotonic()
-    with pytest.raises(GpuAllocationTimeout) as exc:
-        allocate_gpus(1, tmp_path, "c", nvml=fake, timeout=0.3, poll=0.05)
-    assert isinstance(exc.value, TimeoutError) and time.monotonic() - t0 < 2
-    assert "0 of 1" in str(exc.value)
-    second.release()
-    assert allocate_gpus(1, tmp_path, "c", nvml=fake, timeout=0.3).indices == second.indices
+def test_every_gpu_failing_mid_sample_means_no_gpu_metrics():
+    fake = FakeNvml([{}, {}], fail={"nvmlDeviceGetName:0": pynvml.NVMLError_Unknown,
+                                    "nvmlDeviceGetMemoryInfo:1": pynvml.NVMLError_GpuIsLost})
+    s = ResourceSampler(nvml=fake).sample([os.getpid()])
+    assert s.gpus == [] and s.gpu_process_memory == {}
+    assert s.gpu_error == "no GPU metrics: GPU 0: Unknown Error; GPU 1: GPU is lost"
+    assert s.processes[os.getpid()].gpu_memory_bytes is None
 
 
-def test_asking_for_more_gpus_than_exist_is_a_clear_error(tmp_path):
-    with pytest.raises(NotEnoughGpus, match=r"trainer asks for 3 GPU\(s\) \(auto:3\); this host has 2"):
-        allocate_gpus(3, tmp_path, "trainer", nvml=FakeNvml([{}, {}]))
+def test_per_process_gpu_memory_failing_keeps_the_gpu():
+    me = os.getpid()
+    fake = FakeNvml([{"used": 7, "procs": {me: 3}}],
+                    fail={"nvmlDeviceGetComputeRunningProcesses:0": pynvml.NVMLError_NoPermission})
+    s = ResourceSampler(nvml=fake).sample([me])
+    assert [(g.index, g.memory_used) for g in s.gpus] == [(0, 7)] and s.gpu_error is None
+    assert s.gpu_process_memory == {} and s.processes[me].gpu_memory_bytes == 0
 
 
-def test_no_nvml_means_gpus_cannot_be_allocated(tmp_path):
-    with pytest.raises(NotEnoughGpus, match="NVML Shared Library Not Found"):
-        allocate_gpus(1, tmp_path, "trainer")  # the real pynvml: no driver here
-    assert allocate_gpus(0, tmp_path, "trainer").indices == []
+def test_real_pynvml_without_a_driver_is_unusable_with_the_reason():
+    nvml = Nvml()
+    assert nvml.get() is None and nvml.error == "no GPU metrics: NVML Shared Library Not Found"
+    with pytest.raises(NvmlUnusable, match="NVML Shared Library Not Found"):
+        query_gpus()
 
 
-_ALLOC_SCRIPT = """
-import sys, time, pathlib
-sys.path.insert(0, {root!r})
-from tests.unit.test_resources import FakeNvml
-from keel.host.resources import allocate_gpus
-go = pathlib.Path({go!r})
-while not go.exists():
-    time.sleep(0.001)
-a = allocate_gpus(1, {run_dir!r}, sys.argv[1], nvml=FakeNvml([{{}}, {{}}]), timeout=0.5)
-print(a.indices[0], flush=True)
-time.sleep(1.0)   # hold the lock while the other process allocates
-"""
+def test_a_missing_pynvml_module_is_no_gpu_metrics():
+    def loader():
+        raise ImportError("No module named 'pynvml'")
+
+    nvml = Nvml(loader=loader)
+    assert nvml.get() is None and nvml.error == "no GPU metrics: No module named 'pynvml'"
 
 
-@pytest.mark.slow
-def test_two_processes_starting_at_once_never_take_the_same_gpu(tmp_path, reaper):
-    go = tmp_path / "go"
-    script = _ALLOC_SCRIPT.format(root=str(REPO_ROOT), go=str(go), run_dir=str(tmp_path / "run"))
-    for _ in range(3):  # a few rounds: the race window is small
-        if go.exists():
-            go.unlink()
-        procs = [reaper.popen([PYTHON, "-c", script, f"p{i}"], stdout=subprocess.PIPE, text=True) for i in range(2)]
-        time.sleep(0.8)  # both are importing and waiting on the go file
-        go.touch()
-        chosen = [int(p.communicate(timeout=20)[0].strip()) for p in procs]
-        assert sorted(chosen) == [0, 1]
-
-
-def test_gpus_for_process_applies_each_form_of_gpus(tmp_path):
-    env: dict[str, str] = {}
-    assert gpus_for_process({"gpus": []}, environ=env) == ([], None) and env["CUDA_VISIBLE_DEVICES"] == ""
-    assert gpus_for_process({"gpus": [2, 0]}, environ=env) == ([2, 0], None) and env["CUDA_VISIBLE_DEVICES"] == "2,0"
-    resolved = {"name": "trainer", "gpus": {"auto": 1}, "paths": {"run_dir": str(tmp_path)}}
-    indices, alloc = gpus_for_process(resolved, environ=env, nvml=FakeNvml([{"used": 5}, {"used": 1}]))
-    assert indices == [1] and env["CUDA_VISIBLE_DEVICES"] == "1" and alloc is not None
-    alloc.release()
-
-
-# --------------------------------------------------------------------------- directories
-
-
-@pytest.mark.parametrize("umask", [0o077, 0o022])
-def test_process_dirs_are_created_0750_whatever_the_umask(tmp_path, umask):
-    resolved = {
-        "paths": {
-            "run_dir": str(tmp_path / "run"),
-            "log_dir": str(tmp_path / "log"),
-            "checkpoint_dir": str(tmp_path / "ckpt"),
-            "tmp_dir": str(tmp_path / "run" / "tmp" / "trainer"),
-        }
-    }
-    old = os.umask(umask)
-    try:
-        prepare_process_dirs(resolved)
-        prepare_process_dirs(resolved)  # twice: idempotent
-    finally:
-        os.umask(old)
-    for key in ("run_dir", "log_dir", "checkpoint_dir", "tmp_dir"):
-        mode = stat.S_IMODE(Path(resolved["paths"][key]).stat().st_mode)
-        assert mode == 0o750, (key, oct(mode))
-
-
-@pytest.mark.skipif(os.geteuid() != 0, reason="chown needs root")
-def test_tmp_dir_is_given_to_the_process_user(tmp_path):
-    import pwd
-
-    nobody = pwd.getpwnam("nobody")
-    resolved = {"user": "nobody", "paths": {"tmp_dir": str(tmp_path / "tmp" / "w"), "run_dir": str(tmp_path)}}
-    prepare_process_dirs(resolved)
-    st = (tmp_path / "tmp" / "w").stat()
-    assert st.st_uid == nobody.pw_uid and tmp_path.stat().st_uid == 0  # the existing run dir keeps its owner
+def test_query_gpus_failing_midway_is_unusable_and_shuts_nvml_down():
+    fake = FakeNvml([{}, {}], fail={"nvmlDeviceGetMemoryInfo:1": pynvml.NVMLError_GpuIsLost})
+    with pytest.raises(NvmlUnusable, match="NVML failed: GPU is lost"):
+        query_gpus(fake)
+    assert fake.init_calls == 1 and fake.shutdown_calls == 1

@@ -19,7 +19,12 @@ from pathlib import Path
 import pytest
 
 from keel.status.models import State
-from keel.status.files import JsonlTail, JsonlWriter, OsOps, StatusReader, StatusWriteError, StatusWriter
+from keel.fs.osops import OsOps
+from keel.status.jsonl import JsonlWriter
+from keel.status.jsonl_tail import JsonlTail
+from keel.status.reader import StatusReader
+from keel.status.results import StatusWriteError
+from keel.status.snapshot import StatusWriter
 from tests.unit.test_statusfile import make_status
 
 FAULTY = ("open", "write", "fsync", "close", "replace")
@@ -187,10 +192,34 @@ def test_real_efbig_in_log_cuts_no_record(tmp_path):
         return 1
 
     assert _in_child_with_fsize_limit(size + 100, child) == 0
-    with JsonlWriter(log) as jw:  # a new writer ends the cut line before appending
+    assert log.stat().st_size == size  # the cut part of record 1 was trimmed off again
+    with JsonlWriter(log) as jw:
         jw.append({"step": 2})
     tail = JsonlTail(log)
-    assert [r["step"] for r in tail.read_new()] == [0, 2] and tail.corrupt_lines == 1
+    assert [r["step"] for r in tail.read_new()] == [0, 2] and tail.corrupt_lines == 0
+
+
+def test_cut_line_that_cannot_be_trimmed_is_ended_by_the_next_append(tmp_path):
+    class CutThenNoTruncate(OsOps):
+        def write(self, fd, data):
+            if len(data) > 20:  # the batch: half of it lands, then the disk is full
+                n = os.write(fd, bytes(data[: len(data) // 2]))
+                if n:
+                    return n
+            raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC))
+
+        def ftruncate(self, fd, length):
+            raise OSError(errno.EIO, os.strerror(errno.EIO))
+
+    log = tmp_path / "trainer.metrics.jsonl"
+    w = JsonlWriter(log, ops=CutThenNoTruncate())
+    with pytest.raises(StatusWriteError) as e:
+        w.append_many([{"step": 1}, {"step": 2, "pad": "p" * 40}])
+    assert e.value.errno == errno.ENOSPC and e.value.records_written == 1
+    with JsonlWriter(log) as jw:  # a new writer ends the cut line before appending
+        jw.append({"step": 3})
+    tail = JsonlTail(log)
+    assert [r["step"] for r in tail.read_new()] == [1, 3] and tail.corrupt_lines == 1
 
 
 @contextmanager

@@ -7,7 +7,9 @@ import os
 import threading
 from datetime import datetime, timezone
 
-from keel.status.files import EVENTS_FILE, JsonlTail, JsonlWriter, encode_record
+from keel.status.jsonl import JsonlWriter, encode_record
+from keel.status.jsonl_tail import JsonlTail
+from keel.status.paths import EVENTS_FILE
 
 
 def steps(records):

@@ -11,8 +11,8 @@ import pytest
 
 from keel.status.models import State
 from keel.status.reporter import ProcessReporter
-from keel.host.resources import prepare_process_dirs
-from keel.status.files import StatusReader
+from keel.host.dirs import prepare_process_dirs
+from keel.status.reader import StatusReader
 from tests.integration.trainer_fixtures import write_config
 from trainer.checkpoint import CheckpointStore
 from trainer.run import NonFiniteLoss, Run
@@ -98,12 +98,16 @@ def test_reporting_is_throttled_and_summarised(tmp_path):
     assert metrics(tmp_path)[-1]["step"] == 1000
 
 
-def test_every_step_reporting_with_zero_intervals(tmp_path):
-    run, reporter, clock, _ = make_run(tmp_path, report={"status_interval": 0.0, "metrics_interval": 0.0})
+def test_every_step_reporting_with_intervals_shorter_than_a_step(tmp_path):
+    # 1 ms intervals, 10 ms steps: every step is due and gets its own record. The first step
+    # starts the rate clock (no time has passed in it yet), so its loss goes into step 2's record.
+    run, reporter, clock, _ = make_run(tmp_path, report={"status_interval": "1ms", "metrics_interval": "1ms"})
     for step in range(1, 11):
         clock.now += 0.01
-        run.report(step=step, loss=1.0)
-    assert [r["step"] for r in metrics(tmp_path)] == list(range(1, 11))
+        run.report(step=step, loss=float(step))
+    recs = metrics(tmp_path)
+    assert [(r["step"], r["loss"]) for r in recs] == [(2, 1.5)] + [(s, float(s)) for s in range(3, 11)]
+    assert reporter.status.payload.step == 10
 
 
 def test_validation_results_get_their_own_record(tmp_path):

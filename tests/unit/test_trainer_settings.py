@@ -10,7 +10,8 @@ import pytest
 from tests.integration.trainer_fixtures import write_config
 from trainer import distributed
 from trainer.__main__ import resolve_entry, status_name
-from trainer.settings import SettingsError, choose_tmpdir, load_settings, parse_settings
+from keel.render.contract import ContractError
+from trainer.settings import choose_tmpdir, load_settings, parse_settings
 
 
 def test_parses_the_resolved_file_shape(tmp_path):
@@ -21,23 +22,41 @@ def test_parses_the_resolved_file_shape(tmp_path):
     assert s.backend == "auto" and s.threads == 1 and s.stop_timeout == 15.0
 
 
-def test_errors_name_the_key(tmp_path):
-    doc = json.loads(write_config(tmp_path).read_text())
+def test_every_value_comes_from_the_file(tmp_path):
+    """The model's defaults reach the trainer through the file: 5 m checkpoints, 60 s stop timeout."""
+    from tests.resolved import resolve_stack
+
+    resolve_stack(tmp_path, {"trainer": {"kind": "trainer"}})
+    s = load_settings(tmp_path / "trainer.json")
+    assert s.checkpoint.every_seconds == 300.0 and s.stop_timeout == 60.0 and s.heartbeat_interval == 2.0
+
+
+def test_errors_name_the_file_and_the_key(tmp_path):
+    config = write_config(tmp_path)
+    doc = json.loads(config.read_text())
     del doc["paths"]["run_dir"]
-    with pytest.raises(SettingsError) as e:
+    with pytest.raises(ContractError) as e:
+        parse_settings(doc, "t.json")
+    assert (e.value.path, e.value.key, str(e.value)) == ("t.json", "paths.run_dir", "t.json: paths.run_dir: missing")
+    doc = json.loads(config.read_text())
+    doc["trainer"]["on_nan"] = "explode"
+    with pytest.raises(ContractError, match="trainer.on_nan"):
         parse_settings(doc)
-    assert e.value.key == "paths.run_dir"
-    doc = json.loads(write_config(tmp_path, on_nan="explode").read_text())
-    with pytest.raises(SettingsError, match="trainer.on_nan"):
-        parse_settings(doc)
+
+
+def test_a_file_of_another_kind_is_refused(tmp_path):
+    from tests.resolved import resolve_stack
+
+    resolve_stack(tmp_path, {"watchdog": {"kind": "watchdog"}})
+    with pytest.raises(ContractError, match="kind: expected a trainer's resolved file"):
+        load_settings(tmp_path / "watchdog.json")
 
 
 def test_auto_gpus(tmp_path):
+    assert load_settings(write_config(tmp_path, gpus="auto:2")).auto_gpus == 2
     doc = json.loads(write_config(tmp_path).read_text())
-    doc["gpus"] = {"auto": 2}
-    assert parse_settings(doc).auto_gpus == 2
     doc["gpus"] = {"some": 2}
-    with pytest.raises(SettingsError):
+    with pytest.raises(ContractError, match="gpus"):
         parse_settings(doc)
 
 
