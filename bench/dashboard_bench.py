@@ -80,24 +80,19 @@ def free_port() -> int:
 
 
 def write_config(root: Path, port: int, n: int) -> Path:
-    run, logs = root / "run", root / "log"
-    run.mkdir(parents=True)
-    logs.mkdir()
-    health = {"heartbeat_interval": 2.0, "heartbeat_timeout": 30.0, "progress_timeout": 60.0, "startup_grace": 30.0}
-    procs = {f"t{i:02d}": {"kind": "trainer", "status_names": [f"t{i:02d}"], "log_file": str(logs / f"t{i:02d}.log"),
-                           "health": health} for i in range(n)}
-    procs["dashboard"] = {"kind": "dashboard", "status_names": ["dashboard"],
-                          "log_file": str(root / "dashboard.log"), "health": health}
-    (root / "keel.json").write_text(json.dumps({"project": "bench", "processes": procs}))
-    cfg = {"project": "bench", "environment": "bench", "name": "dashboard", "kind": "dashboard",
-           "heartbeat_interval": 2.0, "log": {"format": "json", "level": "INFO"},
-           "paths": {"run_dir": str(run), "log_dir": str(logs)},
-           "dashboard": {"address": "127.0.0.1", "port": port, "refresh": 1.0, "history_points": HISTORY_POINTS,
-                         "log_tail_lines": 40, "keep_alive": 37.0, "unused_session_lifetime": 15.0,
-                         "auth": {"required": False}, "stack": str(root / "keel.json")}}
-    path = root / "dashboard.json"
-    path.write_text(json.dumps(cfg))
-    return path
+    """`root/dashboard.json` and `root/keel.json` (n trainers and the dashboard), by the real model and resolver."""
+    sys.path.insert(0, str(REPO))
+    from tests.resolved import resolve_stack
+
+    (root / "run").mkdir(parents=True)
+    (root / "log").mkdir()
+    health = {"heartbeat_interval": "2s", "heartbeat_timeout": "30s", "progress_timeout": "60s", "startup_grace": "30s"}
+    procs: dict[str, dict] = {f"t{i:02d}": {"kind": "trainer", "health": health} for i in range(n)}
+    procs["dashboard"] = {"kind": "dashboard", "port": port, "refresh": "1s", "history_points": HISTORY_POINTS,
+                          "log_tail_lines": 40, "keep_alive": "37s", "unused_session_lifetime": "15s",
+                          "health": health}
+    resolve_stack(root, procs, env="bench", project="bench")
+    return root / "dashboard.json"
 
 
 def cpu_seconds(pid: int) -> float:

@@ -168,7 +168,7 @@ def render(root: Path) -> None:
 
 
 def process_env(root: Path, name: str) -> dict[str, str]:
-    """What supervisord gives the trainer (keel/resolve.py), for the set-ups that run without it."""
+    """What supervisord gives the trainer (keel/render/resolve.py), for the set-ups that run without it."""
     tmp = root / "var" / "run" / "tmp" / name
     tmp.mkdir(parents=True, exist_ok=True)
     env = {k: v for k, v in os.environ.items() if not k.startswith("KEEL_")}

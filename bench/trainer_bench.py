@@ -102,7 +102,7 @@ def keel_loop(steps: int, interval: float, run_class: type = TimedRun) -> tuple[
         path = resolved(Path(d), steps, interval)
         prepare_process_dirs(load_process_file(path))
         settings = load_settings(path)
-        reporter = ProcessReporter(settings.run_dir, "bench", "trainer", heartbeat_interval=2.0)
+        reporter = ProcessReporter(settings.run_dir, "bench", "trainer", heartbeat_interval=settings.heartbeat_interval)
         reporter.start(payload={"run_id": "bench"})
         run = run_class(
             settings,

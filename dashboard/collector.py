@@ -26,7 +26,7 @@ from keel.status.jsonl_tail import JsonlTail
 from keel.status.reader import StatusReader
 from keel.status.results import ReadError, Stale
 
-from dashboard.config import DashboardConfig, ProcessInfo
+from dashboard.config import DashboardConfig
 from dashboard.history import History
 from dashboard.logtail import LogTail
 from dashboard.present import Verdict, error_label, event_line, overall, process_rows
@@ -360,17 +360,13 @@ class Collector:
         self.resources.append(row)
 
     def _judge(self, now_mono: float) -> None:
-        """Every process's health (keel.watch.verdicts), for the stack's processes and other status files."""
+        """Every keel.json process's health (keel.watch.verdicts). A status file of no process in keel.json is
+        not judged: it has no health or limits to judge it by (dashboard.present shows it as unknown)."""
         if self.sample is None:
             return
-        procs = {p.name: _stack_entry(p) for p in self.cfg.processes}
-        known = {n for p in procs.values() for n in p["status_names"]}
-        for name, r in self.statuses.items():
-            s = r.status if isinstance(r, Stale) else r
-            if name and name not in known:
-                procs[name] = {"kind": s.kind if isinstance(s, ProcessStatus) else "command", "status_names": [name]}
+        procs = {p.name: p.entry for p in self.cfg.processes}
         for name, p in procs.items():  # a new pid (or none) is a new run: its startup grace starts now
-            first = next((s for s in map(self.statuses.get, p["status_names"]) if isinstance(s, ProcessStatus)), None)
+            first = next((s for s in map(self.statuses.get, p.status_names) if isinstance(s, ProcessStatus)), None)
             pid = first.pid if first is not None else None
             if self._runs.get(name, (-1, 0.0))[0] != pid:
                 self._runs[name] = (pid, now_mono)
@@ -390,9 +386,3 @@ class Collector:
             return None
         return self._mono() - self.last_refresh_mono
 
-
-def _stack_entry(p: ProcessInfo) -> dict:
-    """A keel.json process entry as keel.watch.health reads it (what dashboard.config keeps of it)."""
-    timeouts = (("heartbeat_timeout", p.heartbeat_timeout), ("progress_timeout", p.progress_timeout),
-                ("startup_grace", p.startup_grace))
-    return {"kind": p.kind, "status_names": list(p.status_names), "health": {k: v for k, v in timeouts if v is not None}}

@@ -3,7 +3,7 @@
 keel.render.contract reads and checks the file (strict, no defaults); this module
 flattens it into a frozen ``DashboardConfig``. The stack file (keel.json) is
 optional at run time: without it the process table lists whatever status files
-the run dir holds. A file off the contract raises ``ConfigError`` naming the
+the run dir holds, unjudged (no keel.json entry: no timeouts to judge them by). A file off the contract raises ``ConfigError`` naming the
 file and the key.
 """
 
@@ -14,7 +14,9 @@ from dataclasses import dataclass, replace
 from typing import Any
 
 from keel.config.netaddr import is_loopback
-from keel.render.contract import ContractError, ProcessFile, StackFile, load_process_file, load_stack, parse_process_file
+from keel.render.contract import (
+    ContractError, ProcessFile, StackFile, StackProcess, load_process_file, load_stack, parse_process_file,
+)
 
 
 class ConfigError(ValueError):
@@ -31,15 +33,27 @@ class AuthConfig:
 
 @dataclass(frozen=True)
 class ProcessInfo:
-    """What the dashboard needs of one process in keel.json."""
+    """One process of keel.json: its name and its typed entry, whole (health and limits for
+    keel.watch.verdicts, status names, log file), read as resolve wrote it."""
 
     name: str
-    kind: str
-    status_names: tuple[str, ...]
-    log_file: str | None
-    heartbeat_timeout: float | None
-    progress_timeout: float | None
-    startup_grace: float | None
+    entry: StackProcess
+
+    @property
+    def kind(self) -> str:
+        return self.entry.kind
+
+    @property
+    def status_names(self) -> tuple[str, ...]:
+        return tuple(self.entry.status_names)
+
+    @property
+    def log_file(self) -> str:
+        return self.entry.log_file
+
+    @property
+    def heartbeat_timeout(self) -> float:
+        return self.entry.health.heartbeat_timeout
 
 
 @dataclass(frozen=True)
@@ -73,18 +87,7 @@ class DashboardConfig:
 
 def stack_processes(stack: StackFile) -> tuple[ProcessInfo, ...]:
     """The processes of keel.json, in file order."""
-    return tuple(
-        ProcessInfo(
-            name=name,
-            kind=p.kind,
-            status_names=tuple(p.status_names),
-            log_file=p.log_file,
-            heartbeat_timeout=p.health.heartbeat_timeout,
-            progress_timeout=p.health.progress_timeout,
-            startup_grace=p.health.startup_grace,
-        )
-        for name, p in stack.processes.items()
-    )
+    return tuple(ProcessInfo(name, p) for name, p in stack.processes.items())
 
 
 def from_process_file(pf: ProcessFile, where: str) -> DashboardConfig:

@@ -28,8 +28,8 @@ DASH = "—"
 # A health word (keel.watch.verdicts.HEALTH_WORDS) to its colour level.
 HEALTH_LEVEL = {"ok": OK, "starting": WARN, "degraded": WARN, "stopped": WARN, "unhealthy": BAD, "failed": BAD}
 
-# Used when keel.json does not say (no stack file): generous, so a slow
-# heartbeat is not shown as a failure by guesswork.
+# Only dashboard.page's training summary still uses this, for a trainer status file of no process in
+# keel.json (the health table does not judge those at all).
 DEFAULT_HEARTBEAT_TIMEOUT = 30.0
 
 ROW_COLUMNS = (
@@ -119,8 +119,9 @@ def process_rows(
     """The process table as columns (for a ColumnDataSource) and one verdict per row.
 
     ``health`` is keyed by process (every torchrun rank's row shows its process's
-    verdict and restarts) and, for a status file not in the stack, by its name.
-    A row without a status shows the read error, unless the watchdog judged it.
+    verdict and restarts). A status file of no process in keel.json has no entry
+    and shows as "unknown". A row without a status shows the read error, unless
+    the watchdog judged it.
     """
     cols: dict[str, list] = {c: [] for c in ROW_COLUMNS}
     verdicts: list[Verdict] = []
@@ -155,7 +156,9 @@ def process_rows(
             v = Verdict("other host", WARN, f"written on {status.host}")
             hb = pa = DASH
         else:
-            v = health_verdict(h) if h is not None else Verdict("unknown", WARN, "not judged")
+            # A status file of no process in keel.json has no health or limits to judge it by: said, not guessed.
+            v = health_verdict(h) if h is not None else Verdict(
+                "unknown", WARN, "not in keel.json: not judged" if info is None else "not judged yet")
             hb = fmt_age(status.heartbeat_age(now_mono))
             pa = fmt_age(status.progress_age(now_mono))
         # Greyed: values that are not the running process's now (frozen, gone, another host's).

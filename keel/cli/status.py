@@ -20,7 +20,8 @@ import json
 import sys
 import time
 
-from keel.stack.paths import stack_path
+from keel.render.contract import ContractError
+from keel.stack.paths import load_rendered_stack
 
 _COLOURS = {"ok": "\033[32m", "starting": "\033[36m", "degraded": "\033[33m", "unhealthy": "\033[31m", "stopped": "\033[2m"}
 
@@ -88,16 +89,16 @@ def main(argv: list[str] | None = None) -> int:
 
     from keel.control.factory import backend_for
     from keel.host.sampling import ResourceSampler
-    from keel.stack.view import StackFileError, all_healthy, collect, load_stack
+    from keel.stack.view import all_healthy, collect
     from keel.status.reader import StatusReader
 
     try:
-        stack = load_stack(stack_path(args.env))
-    except StackFileError as exc:
+        stack = load_rendered_stack(args.env)
+    except ContractError as exc:  # not rendered, unreadable, or off the contract: names the file (and the key)
         print(f"status: {exc}", file=sys.stderr)
         return 2
     backend = backend_for(stack, timeout=10.0)
-    reader, sampler = StatusReader(stack["paths"]["run_dir"]), ResourceSampler()
+    reader, sampler = StatusReader(stack.paths.run_dir), ResourceSampler()
     colour = sys.stdout.isatty() and not args.json
     deadline = time.monotonic() + args.wait
     try:
@@ -109,8 +110,8 @@ def main(argv: list[str] | None = None) -> int:
                 continue
             if args.json:
                 print(json.dumps({
-                    "project": stack["project"], "environment": stack["environment"], "backend": stack["backend"],
-                    "healthy": healthy, "dashboard_url": stack.get("dashboard_url"),
+                    "project": stack.project, "environment": stack.environment, "backend": stack.backend,
+                    "healthy": healthy, "dashboard_url": stack.dashboard_url,
                     "watchdog_reporting": not_reporting(views) is None,
                     "processes": [v.to_json() for v in views],
                 }), flush=True)
@@ -118,7 +119,7 @@ def main(argv: list[str] | None = None) -> int:
                 if args.watch and colour:
                     print("\033[2J\033[H", end="")
                 silent = not_reporting(views)
-                print(f"{stack['project']} ({stack['environment']}, {stack['backend']}): "
+                print(f"{stack.project} ({stack.environment}, {stack.backend}): "
                       + ("healthy" if healthy else "NOT healthy")
                       + (f" ({silent}; verdicts judged here, restarts unknown)" if silent else ""))
                 print(table(views, colour), flush=True)

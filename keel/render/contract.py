@@ -48,7 +48,7 @@ class Frozen(BaseModel):
 
 
 class GpuAuto(Frozen):
-    """`gpus: auto:N`: the process picks N GPUs at start (keel.host.resources.allocate_gpus)."""
+    """`gpus: auto:N`: the process picks N GPUs at start (keel.host.gpu_allocation.allocate_gpus)."""
 
     auto: int = Field(ge=1)
 

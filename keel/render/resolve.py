@@ -113,7 +113,7 @@ def process_environment(name: str, proc: Any, paths: dict[str, str], ctx: Contex
         env["CUDA_VISIBLE_DEVICES"] = ""  # never touch CUDA
     elif isinstance(proc.gpus, list):
         env["CUDA_VISIBLE_DEVICES"] = ",".join(str(g) for g in proc.gpus)
-    # auto:N: the trainer picks its GPUs at start (keel.host.resources.allocate_gpus) and sets it itself.
+    # auto:N: the trainer picks its GPUs at start (keel.host.gpu_allocation.allocate_gpus) and sets it itself.
     if proc.kind == "trainer":
         env["OMP_NUM_THREADS"] = str(proc.threads)
     env.update(proc.environment)

@@ -6,7 +6,8 @@ import os
 from pathlib import Path
 from typing import Iterable
 
-from keel.render.contract import ContractError, StackFile, load_stack
+from keel.host.dirs import prepare_process_dirs
+from keel.render.contract import ContractError, StackFile, load_process_file, load_stack
 
 # The checkout (or release) keel runs from: rendered commands name it, configs/ is found in it.
 CODE_DIR = Path(__file__).resolve().parents[2]
@@ -37,9 +38,13 @@ def load_rendered_stack(env: str) -> StackFile:
 
 
 def make_dirs(stack: StackFile, names: Iterable[str]) -> None:
-    """The dirs supervisord and the processes need before they start (0750: status files are not public)."""
+    """The dirs supervisord and the processes need before they start (0750: status files are not public).
+
+    Each process's own dirs are made by keel.host.dirs from its resolved file, as the process itself
+    would: run as root, this is what gives a process's tmp dir to its `user:` before it starts
+    unprivileged. An unknown user raises ProcessDirError (an OSError naming the user)."""
     paths = stack.paths
-    wanted = [paths.run_dir, paths.log_dir, paths.checkpoint_dir]
-    wanted += [os.path.join(paths.run_dir, "tmp", name) for name in names]
-    for directory in wanted:
+    for directory in (paths.run_dir, paths.log_dir, paths.checkpoint_dir):
         os.makedirs(directory, mode=0o750, exist_ok=True)
+    for name in names:
+        prepare_process_dirs(load_process_file(stack.processes[name].config_file))

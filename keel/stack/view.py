@@ -10,32 +10,20 @@ watchdog itself, each process is judged here with the same rules
 
 from __future__ import annotations
 
-import json
 import time
 from dataclasses import asdict, dataclass, field
+from datetime import datetime, timezone
 from pathlib import Path
 from typing import Any
 
 from keel.watch import health
-from keel.watch.verdicts import ProcessHealth, health_for, judge, watchdog_report
+from keel.watch.verdicts import ProcessHealth, health_for, judge, run_start, watchdog_report
 from keel.control.base import ControlBackend, ControlError, ProcessInfo
+from keel.render.contract import StackFile
 from keel.status.models import ProcessStatus
 from keel.host.sampling import ResourceSample, ResourceSampler
 from keel.status.reader import StatusReader
 from keel.status.results import ReadError
-
-
-class StackFileError(ValueError):
-    """keel.json is missing or unreadable: the environment was never rendered."""
-
-
-def load_stack(path: Path) -> dict[str, Any]:
-    try:
-        return json.loads(path.read_text(encoding="utf-8"))
-    except FileNotFoundError:
-        raise StackFileError(f"{path}: not rendered yet (run bin/render-config)") from None
-    except (OSError, ValueError) as exc:
-        raise StackFileError(f"{path}: unreadable: {exc}") from None
 
 
 @dataclass
@@ -82,7 +70,7 @@ def _payload_value(status: ProcessStatus, key: str) -> Any:
 
 
 def collect(
-    stack: dict[str, Any],
+    stack: StackFile,
     backend: ControlBackend,
     *,
     reader: StatusReader | None = None,
@@ -90,7 +78,7 @@ def collect(
     now_mono: float | None = None,
 ) -> list[ProcessView]:
     """Judge every process of the stack now. Never raises on a process's own problems."""
-    run_dir = Path(stack["paths"]["run_dir"])
+    run_dir = Path(stack.paths.run_dir)
     reader = reader or StatusReader(run_dir)
     sampler = sampler or ResourceSampler()
     now_mono = time.monotonic() if now_mono is None else now_mono
@@ -103,28 +91,28 @@ def collect(
 
     statuses: dict[str, dict[str, ProcessStatus | ReadError]] = {}
     pids: set[int] = set()
-    for name, proc in stack["processes"].items():
-        statuses[name] = {s: reader.read(s) for s in proc["status_names"]}
+    for name, proc in stack.processes.items():
+        statuses[name] = {s: reader.read(s) for s in proc.status_names}
         pids.update(s.pid for s in statuses[name].values() if isinstance(s, ProcessStatus))
         info = infos.get(name)
         if info is not None and info.pid:
             pids.add(info.pid)
     sample: ResourceSample = sampler.sample(sorted(pids))
-    wd_name = next((n for n, p in stack["processes"].items() if p["kind"] == "watchdog"), None)
+    wd_name = next((n for n, p in stack.processes.items() if p.kind == "watchdog"), None)
     report, why = watchdog_report(
         next(iter(statuses[wd_name].values()), None) if wd_name else None, sample,
-        stack["processes"][wd_name] if wd_name else None, now_mono,
+        stack.processes[wd_name] if wd_name else None, now_mono,
     )
 
     views = []
-    for name, proc in stack["processes"].items():
+    for name, proc in stack.processes.items():
         info = infos.get(name)
         state = info.state if info is not None else ("UNKNOWN" if backend_error else "ABSENT")
         pid = info.pid if info is not None and info.pid else None
         uptime = now_wall - info.started if info is not None and info.started and state == "RUNNING" else None
         running_since = now_mono - uptime if uptime is not None else None
         view = ProcessView(
-            name=name, kind=proc["kind"], state=state, health="unknown", reason="", pid=pid,
+            name=name, kind=proc.kind, state=state, health="unknown", reason="", pid=pid,
             uptime_s=round(uptime, 1) if uptime is not None else None, restarts=None,
         )
         for status_name, status in statuses[name].items():
@@ -135,7 +123,7 @@ def collect(
                 view.gpus = list(status.gpus)
                 view.write_failures += status.write_failures
                 view.last_write_error = view.last_write_error or status.last_write_error
-                if status_name == proc["status_names"][0]:
+                if status_name == proc.status_names[0]:
                     view.step = _payload_value(status, "step")
                     view.loss = _payload_value(status, "loss")
             else:
@@ -147,12 +135,17 @@ def collect(
         else:
             ctx = health.Context(backend_state=state, backend_pid=pid, running_since=running_since)
             verdict = judge(statuses[name].values(), sample, proc, now_mono, ctx)[0]
-        watched = proc["kind"] != "watchdog"  # it cannot restart itself; the backend does
+        watched = proc.kind != "watchdog"  # it cannot restart itself; the backend does
         if verdict is None and not (watched and report is not None and name in report.processes):
             view.health, view.reason, view.judged_by = "unknown", backend_error or "", f"local: {why}"
         else:
             placeholder = health.HealthVerdict(health.Level.OK, "", "unknown")  # not used: the report has it
-            view.take(health_for(name, report, why, verdict or placeholder, watched=watched))
+            started = None
+            if verdict is not None:
+                backend_started = (datetime.fromtimestamp(info.started, timezone.utc)
+                                   if info is not None and info.started and state == "RUNNING" else None)
+                started = run_start(statuses[name].values(), backend_started)
+            view.take(health_for(name, report, why, verdict or placeholder, watched=watched, run_started=started))
         views.append(view)
     return views
 

@@ -26,12 +26,11 @@ def wait_healthy(stack: StackFile, timeout: float,
     """
     backend = backend_for(stack, timeout=10.0)
     reader, sampler = StatusReader(stack.paths.run_dir), ResourceSampler()
-    stack_json = stack.to_json()  # keel.stack.view.collect still takes keel.json as its dict
     deadline = time.monotonic() + timeout
     last_line = ""
     try:
         while True:
-            views = collect(stack_json, backend, reader=reader, sampler=sampler)
+            views = collect(stack, backend, reader=reader, sampler=sampler)
             if all_healthy(views):
                 return True, views
             line = progress_line(views)

@@ -17,7 +17,9 @@ seconds, so a wall-clock jump cannot change a verdict.
    ``limits.memory_bytes``, GPU memory over ``limits.gpu_memory_bytes``, each
    for ``consecutive`` polls in a row).
 
-The config is a process entry of ``keel.json`` (``health``, ``limits``, ``kind``).
+The config is a process entry of ``keel.json`` as the contract types it
+(``keel.render.contract.StackProcess``: ``health``, ``limits``); every field is read
+as resolve wrote it, with no default here.
 """
 
 from __future__ import annotations
@@ -27,6 +29,7 @@ from dataclasses import dataclass
 from enum import Enum
 from typing import Any
 
+from keel.render.contract import Health, Limits, StackProcess
 from keel.status.models import ProcessStatus, State
 from keel.host.sampling import ProcessSample, ResourceSample
 from keel.status.results import ReadError, Stale
@@ -115,19 +118,8 @@ def worst(verdicts: list[HealthVerdict]) -> HealthVerdict:
     return max(verdicts, key=lambda v: v.severity)  # max() keeps the first of equal keys
 
 
-def _health(config: dict, key: str, default: float | None) -> float | None:
-    value = config.get("health", {}).get(key, default)
-    return None if value is None else float(value)
-
-
-def _limit(config: dict, key: str) -> int | None:
-    value = config.get("limits", {}).get(key)
-    return None if value is None else int(value)
-
-
-def _in_grace(ctx: Context, config: dict, now_mono: float) -> bool:
-    grace = _health(config, "startup_grace", 120.0) or 0.0
-    return ctx.running_since is None or now_mono - ctx.running_since < grace
+def _in_grace(ctx: Context, health: Health, now_mono: float) -> bool:
+    return ctx.running_since is None or now_mono - ctx.running_since < health.startup_grace
 
 
 def _is_bad_number(value: Any) -> bool:
@@ -170,16 +162,16 @@ def backend_rule(ctx: Context) -> HealthVerdict | None:
 # --------------------------------------------------------------------------- rules on a missing or foreign status
 
 
-def missing_rule(error: ReadError, config: dict, now_mono: float, ctx: Context) -> HealthVerdict:
+def missing_rule(error: ReadError, health: Health, now_mono: float, ctx: Context) -> HealthVerdict:
     """No usable status: fine during startup_grace, unhealthy after it."""
     what = f"{type(error).__name__.lower()} status ({error.detail})"
-    if _in_grace(ctx, config, now_mono):
+    if _in_grace(ctx, health, now_mono):
         return HealthVerdict(Level.STARTING, f"{what}; within startup grace", "status_missing")
     return HealthVerdict(Level.UNHEALTHY, f"{what} after startup grace", "status_missing")
 
 
 def foreign_status_rule(
-    status: ProcessStatus, who: Identity, config: dict, now_mono: float, ctx: Context
+    status: ProcessStatus, who: Identity, health: Health, now_mono: float, ctx: Context
 ) -> HealthVerdict:
     """The status's pid is gone or reused: the status is from a run that ended."""
     rule = "pid_reused" if who is Identity.REUSED else "pid_gone"
@@ -193,7 +185,7 @@ def foreign_status_rule(
     if who is Identity.GONE and ctx.backend_pid == status.pid:
         # It exited and the backend has not reaped it yet (its own restart follows): do not race it.
         return HealthVerdict(Level.STARTING, f"{detail}; the backend has not noticed the exit yet", rule)
-    if ctx.backend_pid is not None and ctx.backend_pid != status.pid and _in_grace(ctx, config, now_mono):
+    if ctx.backend_pid is not None and ctx.backend_pid != status.pid and _in_grace(ctx, health, now_mono):
         return HealthVerdict(Level.STARTING, f"{detail}; new run (pid {ctx.backend_pid}) not reported yet", rule)
     return HealthVerdict(Level.UNHEALTHY, detail, rule)
 
@@ -209,21 +201,19 @@ def state_rule(status: ProcessStatus) -> HealthVerdict | None:
     return None
 
 
-def heartbeat_rule(status: ProcessStatus, config: dict, now_mono: float) -> HealthVerdict | None:
+def heartbeat_rule(status: ProcessStatus, health: Health, now_mono: float) -> HealthVerdict | None:
     """Heartbeat older than heartbeat_timeout: the process is not scheduled (SIGSTOP, D state, GIL deadlock)."""
-    timeout = _health(config, "heartbeat_timeout", 30.0)
-    if timeout is None:
-        return None
+    timeout = health.heartbeat_timeout
     age = status.heartbeat_age(now_mono)
     if age > timeout:
         return HealthVerdict(Level.UNHEALTHY, f"heartbeat {age:.1f}s old > {timeout:g}s: frozen", "heartbeat_stale")
     return None
 
 
-def progress_rule(status: ProcessStatus, config: dict, now_mono: float, ctx: Context) -> HealthVerdict | None:
+def progress_rule(status: ProcessStatus, health: Health, now_mono: float, ctx: Context) -> HealthVerdict | None:
     """Progress older than progress_timeout (after startup_grace): the work loop hangs while the heartbeat runs."""
-    timeout = _health(config, "progress_timeout", None)
-    if timeout is None or _in_grace(ctx, config, now_mono):
+    timeout = health.progress_timeout
+    if _in_grace(ctx, health, now_mono):
         return None
     if status.state in (State.STOPPING, State.STOPPED):
         return None
@@ -258,19 +248,19 @@ def _over_limit(
     return HealthVerdict(Level.UNHEALTHY if count >= consecutive else Level.DEGRADED, text, rule)
 
 
-def rss_rule(tree: ProcessSample | None, config: dict, ctx: Context) -> HealthVerdict | None:
+def rss_rule(tree: ProcessSample | None, limits: Limits, ctx: Context) -> HealthVerdict | None:
     """RSS of the whole process tree over limits.memory_bytes, ``ctx.consecutive`` polls in a row."""
     if tree is None or not tree.alive:
         return None
-    return _over_limit(tree.rss_bytes, _limit(config, "memory_bytes"), ctx.rss_over_polls, ctx.consecutive, "RSS", "rss_over_limit")
+    return _over_limit(tree.rss_bytes, limits.memory_bytes, ctx.rss_over_polls, ctx.consecutive, "RSS", "rss_over_limit")
 
 
-def gpu_memory_rule(tree: ProcessSample | None, config: dict, ctx: Context) -> HealthVerdict | None:
+def gpu_memory_rule(tree: ProcessSample | None, limits: Limits, ctx: Context) -> HealthVerdict | None:
     """GPU memory of the process tree (NVML per-pid) over limits.gpu_memory_bytes; no GPU metrics: no verdict."""
     if tree is None or not tree.alive:
         return None
     return _over_limit(
-        tree.gpu_memory_bytes, _limit(config, "gpu_memory_bytes"), ctx.gpu_over_polls, ctx.consecutive,
+        tree.gpu_memory_bytes, limits.gpu_memory_bytes, ctx.gpu_over_polls, ctx.consecutive,
         "GPU memory", "gpu_memory_over_limit",
     )
 
@@ -281,11 +271,13 @@ def gpu_memory_rule(tree: ProcessSample | None, config: dict, ctx: Context) -> H
 def evaluate(
     status: ProcessStatus | ReadError,
     sample: ResourceSample,
-    config: dict,
+    process: StackProcess,
     now_mono: float,
     ctx: Context = Context(),
 ) -> list[HealthVerdict]:
     """Every verdict that applies, in priority order (use ``worst`` for the one to act on).
+
+    ``process`` is the judged process's keel.json entry (its ``health`` and ``limits``).
 
     ``sample`` must contain the status's pid and, when known, the backend's pid
     (the root of the process tree whose RSS and GPU memory are judged).
@@ -294,14 +286,15 @@ def evaluate(
     if settled is not None:
         return [settled]
 
+    health, limits = process.health, process.limits
     if isinstance(status, Stale) and status.status is not None:
         status = status.status  # the reader's own staleness is ours to judge, with our timeout
     if isinstance(status, ReadError):
-        return [missing_rule(status, config, now_mono, ctx)]
+        return [missing_rule(status, health, now_mono, ctx)]
 
     who = identity(status, sample)
     if who is not Identity.CURRENT:
-        return [foreign_status_rule(status, who, config, now_mono, ctx)]
+        return [foreign_status_rule(status, who, health, now_mono, ctx)]
 
     root = ctx.backend_pid if ctx.backend_pid in sample.processes else status.pid
     tree = sample.processes.get(root)
@@ -309,11 +302,11 @@ def evaluate(
         v
         for v in (
             state_rule(status),
-            heartbeat_rule(status, config, now_mono),
-            progress_rule(status, config, now_mono, ctx),
+            heartbeat_rule(status, health, now_mono),
+            progress_rule(status, health, now_mono, ctx),
             nan_rule(status),
-            rss_rule(tree, config, ctx),
-            gpu_memory_rule(tree, config, ctx),
+            rss_rule(tree, limits, ctx),
+            gpu_memory_rule(tree, limits, ctx),
         )
         if v is not None
     ]

@@ -31,12 +31,6 @@ def _mtime(path: Path) -> int | None:
         return None
 
 
-def _load_stack(path: Path) -> dict:
-    """keel.json checked against the contract; handed on as its JSON dict, which Watchdog and
-    backend_for still take (they move to StackFile with keel.watch.watchdog / keel.control)."""
-    return load_stack(path).to_json()
-
-
 def run(watchdog: Watchdog, stop: threading.Event, *, on_poll: Callable[[], None] | None = None) -> None:
     """Poll every ``poll_interval`` (on a fixed grid, so slow polls do not drift) until ``stop`` is set."""
     interval = watchdog.settings.poll_interval
@@ -69,7 +63,7 @@ def main(argv: list[str] | None = None) -> int:
 
     try:
         settings = WatchdogSettings.from_process_file(load_process_file(args.config), args.config)
-        stack = _load_stack(settings.stack)
+        stack = load_stack(settings.stack)
     except ContractError as exc:  # names the file and the key
         print(f"watchdog: cannot load configuration: {exc}", file=sys.stderr)
         return 2
@@ -97,11 +91,11 @@ def main(argv: list[str] | None = None) -> int:
         if mtime != stack_mtime:  # bin/render-config rewrote keel.json: follow it without a restart
             stack_mtime = mtime
             try:
-                new = _load_stack(settings.stack)
+                new = load_stack(settings.stack)
                 watchdog.set_stack(new, backend_for(new))
                 watchdog.emit(process=None, action="stack_reloaded",
                               reason=f"{settings.stack} changed; watching {', '.join(sorted(watchdog.watched))}")
-            except (ContractError, KeyError) as exc:
+            except ContractError as exc:
                 watchdog.emit(process=None, action="stack_reload_failed", reason=f"{settings.stack}: {exc}")
 
     try:

@@ -48,7 +48,7 @@ def prom_rows(watched: dict[str, Watched], sample: ResourceSample | None, now: f
         get = (payload.get if isinstance(payload, dict) else (lambda k: getattr(payload, k, None)))
         rows.append(ProcessRow(
             process=name,
-            kind=str(w.config.get("kind", "command")),
+            kind=w.config.kind,
             up=bool(tree and tree.alive),
             state=status.state.value if status else "unknown",
             health=entry.health,

@@ -16,6 +16,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from keel.fs.atomic import atomic_write_text
+from keel.render.contract import StackProcess
 from keel.status.results import ReadError
 from keel.status.models import ProcessStatus
 from keel.watch.budget import RestartBudget
@@ -41,7 +42,7 @@ class Watched:
     """What the watchdog remembers about one process between polls."""
 
     name: str
-    config: dict
+    config: StackProcess  # its keel.json entry
     budget: RestartBudget
     incarnation: int | None = None  # the pid whose run `running_since` dates
     pid: int | None = None  # the pid judged in the last poll (kept after a restart, for metrics)

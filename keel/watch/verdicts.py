@@ -13,18 +13,20 @@ Pure: statuses, samples and payloads in, values out.
 
 from __future__ import annotations
 
+import dataclasses
 from dataclasses import dataclass
 from datetime import datetime
 from typing import Iterable
 
 from keel.host.sampling import ResourceSample
+from keel.render.contract import StackProcess
 from keel.status.results import Missing, ReadError, Stale
 from keel.status.models import ProcessStatus, State, WatchdogStatus, WatchedProcess
 from keel.watch.health import Context, HealthVerdict, Level, evaluate, worst
 
 __all__ = [
     "BY_WATCHDOG", "HEALTH_WORDS", "ProcessHealth", "health_for", "health_from_files", "health_word", "judge",
-    "local_health",
+    "local_health", "run_start",
     "published_health",
     "watchdog_report",
 ]
@@ -44,10 +46,11 @@ def health_word(verdict: HealthVerdict, gave_up: bool = False) -> str:
 
 
 def judge(
-    statuses: Iterable[ProcessStatus | ReadError], sample: ResourceSample, config: dict, now_mono: float, ctx: Context
+    statuses: Iterable[ProcessStatus | ReadError], sample: ResourceSample, process: StackProcess, now_mono: float,
+    ctx: Context,
 ) -> tuple[HealthVerdict, list[HealthVerdict]]:
     """The worst verdict over all status files of one process (every torchrun rank), and all of them."""
-    verdicts = [v for s in statuses for v in evaluate(s, sample, config, now_mono, ctx)]
+    verdicts = [v for s in statuses for v in evaluate(s, sample, process, now_mono, ctx)]
     return worst(verdicts), verdicts
 
 
@@ -80,7 +83,7 @@ def local_health(verdict: HealthVerdict, why: str) -> ProcessHealth:
 
 
 def watchdog_report(
-    result: ProcessStatus | ReadError | None, sample: ResourceSample, config: dict | None, now_mono: float
+    result: ProcessStatus | ReadError | None, sample: ResourceSample, watchdog: StackProcess | None, now_mono: float
 ) -> tuple[WatchdogStatus | None, str]:
     """The watchdog's payload if it is reporting now, else None; and a phrase saying which.
 
@@ -90,14 +93,14 @@ def watchdog_report(
     heartbeat_timeout, last poll, its progress, within progress_timeout).
     """
     status = result.status if isinstance(result, Stale) and result.status is not None else result
-    if status is None:
+    if status is None or watchdog is None:
         return None, "watchdog not reporting: no watchdog in this stack"
     if isinstance(status, ReadError):
         return None, f"watchdog not reporting: its status is {type(status).__name__.lower()} ({status.detail})"
     if status.state is not State.RUNNING or not isinstance(status.payload, WatchdogStatus):
         return None, f"watchdog not reporting: it is {status.state.value}"
     # Its own run, judged without startup grace: the status says when it last polled.
-    verdict = worst(evaluate(status, sample, config or {}, now_mono, Context(running_since=float("-inf"))))
+    verdict = worst(evaluate(status, sample, watchdog, now_mono, Context(running_since=float("-inf"))))
     if verdict.level is Level.UNHEALTHY:
         return None, f"watchdog not reporting: {verdict.reason}"
     if status.payload.last_poll is None:
@@ -106,38 +109,58 @@ def watchdog_report(
 
 
 def health_for(
-    name: str, report: WatchdogStatus | None, why: str, verdict: HealthVerdict, watched: bool = True
+    name: str, report: WatchdogStatus | None, why: str, verdict: HealthVerdict, watched: bool = True,
+    run_started: datetime | None = None,
 ) -> ProcessHealth:
-    """The watchdog's published health for ``name`` when it reports it, else ``verdict`` labelled honestly."""
+    """The watchdog's published health for ``name`` when it reports it, else ``verdict`` labelled honestly.
+
+    ``run_started``: when the process's current run began, as the reader sees it (its status's
+    ``started_at``, or the backend's start time). A run that began after the watchdog's last poll
+    has not been judged yet: its verdict is the previous run's (a restarted trainer would read "ok"
+    before it resumed). It is then judged locally until the next poll; the counts stay the watchdog's.
+    """
     if not watched:
         return local_health(verdict, "not watched by the watchdog")
     entry = report.processes.get(name) if report is not None else None
-    if entry is not None:
-        return published_health(entry)
-    return local_health(verdict, why if report is None else "watchdog not reporting: it has not judged it yet")
+    if entry is None:
+        return local_health(verdict, why if report is None else "watchdog not reporting: it has not judged it yet")
+    if run_started is not None and report.last_poll is not None and run_started > report.last_poll:
+        local = local_health(verdict, "the watchdog has not judged this run yet")
+        return dataclasses.replace(local, restarts_total=entry.restarts_total, last_action=entry.last_action,
+                                   last_action_reason=entry.last_action_reason, last_action_at=entry.last_action_at)
+    return published_health(entry)
+
+
+def run_start(statuses: Iterable[ProcessStatus | ReadError], backend_started: datetime | None = None) -> datetime | None:
+    """When the current run began as a reader sees it: the latest status start (any rank) or backend start."""
+    starts = [s.started_at for s in statuses if isinstance(s, ProcessStatus)]
+    if backend_started is not None:
+        starts.append(backend_started)
+    return max(starts, default=None)
 
 
 def health_from_files(
-    processes: dict[str, dict],
+    processes: dict[str, StackProcess],
     statuses: dict[str, ProcessStatus | ReadError],
     sample: ResourceSample,
     now_mono: float,
     running_since: dict[str, float | None],
 ) -> tuple[dict[str, ProcessHealth], str]:
-    """Per process of ``processes`` (keel.json entries: kind, status_names, health, limits), its health, for a
-    reader that sees only the run dir (the dashboard): the watchdog's published verdict, else a local one
-    (no backend state; ``running_since`` per process: when the reader first saw its current run).
+    """Per process of ``processes`` (keel.json's typed entries), its health, for a reader that sees only the
+    run dir (the dashboard): the watchdog's published verdict, else a local one (no backend state;
+    ``running_since`` per process: when the reader first saw its current run).
 
     Returns the healths and whether the watchdog reports (``BY_WATCHDOG``) or why not.
     """
-    def files(p: dict) -> list[ProcessStatus | ReadError]:
-        found = [statuses.get(s) for s in p["status_names"]]  # a ReadError is falsy: compare with None
-        return [Missing(s, "no status file yet") if r is None else r for s, r in zip(p["status_names"], found)]
+    def files(p: StackProcess) -> list[ProcessStatus | ReadError]:
+        found = [statuses.get(s) for s in p.status_names]  # a ReadError is falsy: compare with None
+        return [Missing(s, "no status file yet") if r is None else r for s, r in zip(p.status_names, found)]
 
-    wd = next((p for p in processes.values() if p["kind"] == "watchdog"), None)
+    wd = next((p for p in processes.values() if p.kind == "watchdog"), None)
     report, why = watchdog_report(files(wd)[0] if wd else None, sample, wd, now_mono)
     out = {}
     for name, p in processes.items():
-        verdict, _ = judge(files(p), sample, p, now_mono, Context(running_since=running_since.get(name)))
-        out[name] = health_for(name, report, why, verdict, watched=p["kind"] != "watchdog")
+        found = files(p)
+        verdict, _ = judge(found, sample, p, now_mono, Context(running_since=running_since.get(name)))
+        out[name] = health_for(name, report, why, verdict, watched=p.kind != "watchdog", run_started=run_start(found))
     return out, why

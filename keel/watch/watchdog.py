@@ -41,6 +41,7 @@ from keel.status.models import ProcessStatus, State, WatchedProcess
 from keel.watch.prom import ProcessRow
 from keel.watch.publish import process_entry, prom_rows, write_prom_file
 from keel.host.disk import status_channel_blocked
+from keel.render.contract import StackFile, StackProcess
 from keel.host.sampling import ResourceSample, ResourceSampler
 from keel.status.jsonl import JsonlWriter
 from keel.status.reader import StatusReader
@@ -64,7 +65,7 @@ class Watchdog:
 
     def __init__(
         self,
-        stack: dict,
+        stack: StackFile,
         settings: WatchdogSettings,
         *,
         backend: ControlBackend,
@@ -101,17 +102,16 @@ class Watchdog:
         self.set_stack(stack)
         self._load_state()
 
-    def set_stack(self, stack: dict, backend: ControlBackend | None = None) -> None:
+    def set_stack(self, stack: StackFile, backend: ControlBackend | None = None) -> None:
         """Take a (re-rendered) keel.json: new processes are watched, removed ones dropped, the rest keep their budget."""
         self.stack = stack
         if backend is not None:
             self.backend = backend
         watched: dict[str, Watched] = {}
-        for name, cfg in stack.get("processes", {}).items():
-            if cfg.get("kind") == "watchdog":
+        for name, cfg in stack.processes.items():
+            if cfg.kind == "watchdog":
                 continue  # it cannot restart itself; supervisord/systemd does that
-            budget_settings = BudgetSettings.from_config(cfg.get("restart", {}), self.settings.stable_after,
-                                                         self.settings.jitter)  # type: ignore[arg-type]
+            budget_settings = self._budget_settings(cfg)
             old = self.watched.get(name)
             if old is not None:
                 old.config = cfg
@@ -120,6 +120,13 @@ class Watchdog:
             else:
                 watched[name] = Watched(name, cfg, RestartBudget(budget_settings, self.rng))
         self.watched = watched
+
+    def _budget_settings(self, cfg: StackProcess) -> BudgetSettings:
+        """The process's ``restart`` block as resolve wrote it, with the watchdog's own ``stable_after``/``jitter``."""
+        r = cfg.restart
+        return BudgetSettings(backoff_initial=r.backoff_initial, backoff_max=r.backoff_max, max_restarts=r.max_restarts,
+                              window=r.window, stable_after=self.settings.stable_after,
+                              jitter=self.settings.jitter)  # type: ignore[arg-type]
 
     # -- persistence
 
@@ -196,7 +203,7 @@ class Watchdog:
             self._backend_error = str(exc)
 
         for w in self.watched.values():
-            w.statuses = [self.reader.read(s) for s in w.config.get("status_names") or [w.name]]
+            w.statuses = [self.reader.read(s) for s in w.config.status_names]
         pids: list[int] = []
         for name, w in self.watched.items():
             info = (infos or {}).get(name)
@@ -268,7 +275,7 @@ class Watchdog:
             return
         if not backend_ok:
             return  # backend_error already recorded; nothing can be done
-        if w.config.get("restart", {}).get("policy") == "never":
+        if w.config.restart.policy == "never":
             if w.deferred_attempt != -1:
                 w.deferred_attempt = -1
                 self.emit(process=w.name, action="none", reason="restart policy is never", verdict=v)
@@ -347,7 +354,7 @@ class Watchdog:
 
     def _mark_failed(self, w: Watched, v: HealthVerdict) -> None:
         """Best effort: the process's own status says failed (the dashboard shows it). Missing status: nothing to mark."""
-        for name in w.config.get("status_names") or [w.name]:
+        for name in w.config.status_names:
             writer = StatusWriter(self.settings.run_dir, name, lock_timeout=1.0)
             try:
                 writer.update(state=State.FAILED, last_error=f"watchdog gave up: {v.reason}")

@@ -14,6 +14,7 @@ from keel.control.base import BackendUnavailable, ControlError, NoSuchProcess, N
 from keel.control.factory import backend_for
 from keel.control.supervisord import SupervisordBackend
 from keel.control.systemd import SystemdBackend
+from keel.render.contract import ContractError, parse_stack
 from keel.stack.rendering import render_environment, stack_of
 from tests.integration.test_watchdog_fixtures import (
     program_section,
@@ -104,7 +105,6 @@ def test_backend_for_takes_every_name_from_keel_json():
     assert sup.programs == {name: p.program for name, p in stack.processes.items()}
     assert (sup.socket_path, sup.mode, sup.config) == (stack.control.socket, "standalone", stack.control.config)
     assert sup.timeout == max(p.stop.timeout for p in stack.processes.values()) + 10.0
-    assert backend_for(stack.to_json()).programs == sup.programs  # the JSON dict goes through the contract
 
     sysd = backend_for(_rendered_stack("prod", backend="systemd"))
     assert isinstance(sysd, SystemdBackend)
@@ -113,10 +113,10 @@ def test_backend_for_takes_every_name_from_keel_json():
 
     renamed = stack.to_json()
     renamed["processes"]["trainer"]["program"] = "elsewhere-trainer"
-    assert backend_for(renamed).programs["trainer"] == "elsewhere-trainer"
+    assert backend_for(parse_stack(renamed)).programs["trainer"] == "elsewhere-trainer"
     del renamed["processes"]["trainer"]["program"]
-    with pytest.raises(ValueError, match="processes.trainer.program: missing"):
-        backend_for(renamed)  # no fallback name: a keel.json without it is refused
+    with pytest.raises(ContractError, match="processes.trainer.program: missing"):
+        parse_stack(renamed)  # no fallback name: a keel.json without it never reaches backend_for
 
 
 # --------------------------------------------------------------------------- systemd against a stub systemctl

@@ -20,7 +20,7 @@ def resolved(tmp_path: Path, **dashboard) -> Path:
     """dashboard.json (and keel.json) for a dev-like stack, written by the real resolver."""
     resolve_stack(tmp_path, {"dashboard": {"kind": "dashboard", **dashboard},
                              "trainer": {"kind": "trainer", "launcher": "torchrun", "torchrun": {"nproc_per_node": 2},
-                                         "health": {"heartbeat_timeout": "9s"}}})
+                                         "health": {"heartbeat_timeout": "9s"}, "limits": {"memory": "2GiB"}}})
     return tmp_path / "dashboard.json"
 
 
@@ -61,6 +61,7 @@ def test_load_config_reads_the_stack_and_tolerates_its_absence(tmp_path):
     by_name = {proc.name: proc for proc in cfg.processes}
     assert by_name["trainer"].status_names == ("trainer.rank0", "trainer.rank1")
     assert by_name["trainer"].heartbeat_timeout == 9.0
+    assert by_name["trainer"].entry.limits.memory_bytes == 2 << 30  # the typed entry, whole: the page judges limits
     (tmp_path / "keel.json").unlink()
     assert load_config(p).processes == ()
     p.write_text("{nope")

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 from datetime import datetime, timedelta, timezone
+from pathlib import Path
 
 import pytest
 
@@ -12,15 +13,26 @@ from keel.status.results import Corrupt, Missing, Stale, TooLarge, Unreadable, U
 from keel.host.sampling import HostSample, ProcessSample, ResourceSample
 from keel.watch.verdicts import BY_WATCHDOG, ProcessHealth, health_from_files
 
-from dashboard.config import ProcessInfo
+from dashboard.config import ProcessInfo, stack_processes
+from keel.render.resolve import stack_file
+from tests.resolved import make_config, make_context
 from dashboard.present import (
     BAD, GREY, OK, WARN, event_line, fmt_age, fmt_num, health_verdict, overall, process_rows, training_summary,
 )
 
 NOW_WALL = datetime(2026, 1, 1, 12, 0, 0, tzinfo=timezone.utc)
 NOW = 1000.0
-TRAINER = ProcessInfo("trainer", "trainer", ("trainer",), None, heartbeat_timeout=10.0,
-                      progress_timeout=20.0, startup_grace=30.0)
+
+
+def stack_of(**processes):
+    """keel.json as keel.render.resolve builds it, as dashboard.config hands it on (one ProcessInfo each)."""
+    root = Path("/nonexistent/keel")
+    config = make_config(root, processes)
+    return {p.name: p for p in stack_processes(stack_file(config, make_context(root, config)))}
+
+
+HEALTH = {"heartbeat_timeout": "10s", "progress_timeout": "20s", "startup_grace": "30s"}
+TRAINER: ProcessInfo = stack_of(trainer={"kind": "trainer", "health": HEALTH, "limits": {"memory": "100MiB"}})["trainer"]
 
 
 def status(state=State.RUNNING, hb_age=1.0, progress_age=1.0, kind="trainer", name="trainer", host="h",
@@ -35,19 +47,18 @@ def status(state=State.RUNNING, hb_age=1.0, progress_age=1.0, kind="trainer", na
     )
 
 
-TRAINER_ENTRY = {"kind": "trainer", "status_names": ["trainer"],
-                 "health": {"heartbeat_timeout": 10.0, "progress_timeout": 20.0, "startup_grace": 30.0}}
 
 
-def sample(alive=True, create_time=123.0) -> ResourceSample:
-    proc = ProcessSample(pid=4242, alive=alive, create_time=create_time, rss_bytes=1, cpu_percent=0.0, num_procs=1)
+def sample(alive=True, create_time=123.0, rss_bytes=1) -> ResourceSample:
+    proc = ProcessSample(pid=4242, alive=alive, create_time=create_time, rss_bytes=rss_bytes, cpu_percent=0.0,
+                         num_procs=1)
     return ResourceSample(NOW, HostSample(0.0, 1, 2), {4242: proc}, [], "no GPU", {})
 
 
 def local(result, running_for=100.0, smp=None):
     """The page's local verdict (no watchdog in this stack): keel.watch.verdicts with the watchdog's rules."""
     statuses = {"trainer": result} if result is not None else {}
-    health, why = health_from_files({"trainer": TRAINER_ENTRY}, statuses, smp or sample(), NOW,
+    health, why = health_from_files({"trainer": TRAINER.entry}, statuses, smp or sample(), NOW,
                                     {"trainer": NOW - running_for})
     return health
 
@@ -115,6 +126,21 @@ def test_dead_and_reused_pids_are_caught_with_the_watchdogs_tolerance():
     assert local(status(), smp=sample(create_time=123.01))["trainer"].health == "ok"
 
 
+def test_the_pages_own_verdict_judges_keel_jsons_limits_too():
+    """The typed entry reaches the rules whole: RSS over limits.memory is judged, as the watchdog does."""
+    h = local(status(), smp=sample(rss_bytes=200 << 20))["trainer"]
+    assert (h.health, h.rule) == ("degraded", "rss_over_limit") and "limit 100 MiB" in h.reason
+
+
+def test_a_status_file_of_no_process_in_keel_json_is_shown_unjudged():
+    """No keel.json entry: no timeouts to judge it by, so it is "unknown", never judged with invented ones."""
+    frozen = status(name="stray", kind="command", hb_age=1e5)
+    cols, (_, v) = process_rows([TRAINER], {"trainer": status(), "stray": frozen}, local(status()), NOW, NOW_WALL,
+                                host="h")
+    assert cols["name"] == ["trainer", "stray"] and cols["kind"][1] == "command"
+    assert (v.label, v.level, v.note) == ("unknown", WARN, "not in keel.json: not judged")
+
+
 def test_the_watchdogs_verdict_is_shown_as_published_with_its_colour():
     for word, level in (("ok", OK), ("starting", WARN), ("degraded", WARN), ("unhealthy", BAD), ("failed", BAD),
                         ("stopped", WARN)):
@@ -129,12 +155,12 @@ def test_status_from_another_host_has_no_ages():
 
 def test_rows_follow_stack_order_then_extra_files_and_restarts_are_the_watchdogs():
     published = ProcessHealth("ok", "ok", "healthy", BY_WATCHDOG, 2, "restart", "heartbeat stale")
-    rank = ProcessInfo("trainer", "trainer", ("trainer", "trainer.rank1"), None, 10.0, 20.0, 30.0)
-    cols, _ = process_rows([rank], {"zeta": status(name="zeta", kind="command"), "trainer": status(),
+    rank = stack_of(trainer={"kind": "trainer", "launcher": "torchrun", "torchrun": {"nproc_per_node": 2}})["trainer"]
+    cols, _ = process_rows([rank], {"zeta": status(name="zeta", kind="command"), "trainer.rank0": status(),
                                     "trainer.rank1": status(name="trainer.rank1")},
                            {"trainer": published}, NOW, NOW_WALL, host="h")
     # every torchrun rank shows its process's count; a file the watchdog does not judge shows none
-    assert cols["name"] == ["trainer", "trainer.rank1", "zeta"] and cols["restarts"] == ["2", "2", "—"]
+    assert cols["name"] == ["trainer.rank0", "trainer.rank1", "zeta"] and cols["restarts"] == ["2", "2", "—"]
 
 
 def test_failed_status_writes_are_shown():

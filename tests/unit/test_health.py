@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 from datetime import datetime, timedelta, timezone
+from pathlib import Path
 
 import pytest
 
@@ -10,14 +11,22 @@ from keel.watch.health import Context, Identity, Level, evaluate, identity, wors
 from keel.status.models import ProcessStatus, State, TrainingStatus
 from keel.host.sampling import HostSample, ProcessSample, ResourceSample
 from keel.status.results import Corrupt, Missing, Stale
+from keel.render.resolve import stack_file
+from tests.resolved import make_config, make_context
 
 PID, START = 4242, 1_700_000_000.25
 NOW = 10_000.0
-CONFIG = {
-    "kind": "trainer",
-    "health": {"heartbeat_timeout": 10.0, "progress_timeout": 20.0, "startup_grace": 30.0},
-    "limits": {"memory_bytes": 100 << 20, "gpu_memory_bytes": 1 << 30},
-}
+
+
+def entry(kind="trainer", **settings):
+    """The process's keel.json entry, as the real resolver builds it (nothing written: the rules are pure)."""
+    root = Path("/nonexistent/keel")
+    config = make_config(root, {"p": {"kind": kind, **settings}})
+    return stack_file(config, make_context(root, config)).processes["p"]
+
+
+HEALTH = {"heartbeat_timeout": "10s", "progress_timeout": "20s", "startup_grace": "30s"}
+CONFIG = entry(gpus=[0], health=HEALTH, limits={"memory": "100MiB", "gpu_memory": "1GiB"})
 RUNNING_LONG = Context("RUNNING", PID, running_since=NOW - 100.0)
 
 
@@ -71,13 +80,15 @@ def test_a_trainer_that_never_progressed_after_grace_is_hung():
 
 
 def test_a_process_that_never_reports_progress_is_judged_by_heartbeat_only():
-    cfg = {**CONFIG, "kind": "dashboard"}
+    cfg = entry("dashboard", health=HEALTH)
     assert verdict(status(progress_age=None, kind="dashboard", payload={}), cfg=cfg).level is Level.OK
 
 
-def test_no_progress_timeout_means_no_progress_rule():
-    cfg = {**CONFIG, "health": {**CONFIG["health"], "progress_timeout": None}}
-    assert verdict(status(progress_age=1e6), cfg=cfg).level is Level.OK
+def test_the_timeouts_are_keel_jsons_as_resolved():
+    """No default of the rules' own: another heartbeat_timeout in keel.json moves the verdict with it."""
+    patient = entry(gpus=[0], health={**HEALTH, "heartbeat_timeout": "1m"})
+    assert verdict(status(hb_age=30.0), cfg=CONFIG).rule == "heartbeat_stale"
+    assert verdict(status(hb_age=30.0), cfg=patient).level is Level.OK
 
 
 def test_rss_over_limit_is_degraded_until_n_polls_in_a_row():
@@ -98,7 +109,8 @@ def test_no_gpu_metrics_means_no_gpu_verdict():
 
 
 def test_no_limits_means_no_resource_verdict():
-    cfg = {**CONFIG, "limits": {"memory_bytes": None, "gpu_memory_bytes": None}}
+    cfg = entry(gpus=[0], health=HEALTH)
+    assert (cfg.limits.memory_bytes, cfg.limits.gpu_memory_bytes) == (None, None)
     assert verdict(status(), sample(rss=1 << 40, gpu=1 << 40), cfg=cfg).level is Level.OK
 
 
@@ -109,7 +121,7 @@ def test_non_finite_loss_in_a_trainer_payload(loss):
 
 
 def test_nan_loss_in_a_free_form_payload_as_json_spells_it():
-    v = verdict(status(kind="command", payload={"loss": "NaN"}), cfg={**CONFIG, "kind": "command"})
+    v = verdict(status(kind="command", payload={"loss": "NaN"}), cfg=entry("command", command=["true"], health=HEALTH))
     assert v.rule == "nan_loss"
 
 

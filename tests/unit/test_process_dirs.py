@@ -181,3 +181,38 @@ def test_a_rendered_user_owns_the_tmp_dir(tmp_path, system_user, form):
     prepare_process_dirs(resolved)
     tmp = Path(json.loads(path.read_text())["paths"]["tmp_dir"]).stat()
     assert (tmp.st_uid, tmp.st_gid) == (system_user.pw_uid, system_user.pw_gid)
+
+
+@as_root
+def test_render_config_as_root_gives_the_tmp_dir_to_the_user_before_the_process_starts(tmp_path, system_user):
+    # bin/render-config (not --out) makes the runtime dirs itself; the process may then start unprivileged.
+    cfg = tmp_path / "cfg"
+    cfg.mkdir()
+    base = {"project": "kt", "paths": {"root": str(tmp_path), "run_dir": str(tmp_path / "run"),
+                                       "log_dir": str(tmp_path / "log"), "checkpoint_dir": str(tmp_path / "ckpt")},
+            "processes": {"trainer": {"kind": "trainer", "user": system_user.pw_name}}}
+    (cfg / "base.yaml").write_text(json.dumps(base))
+    (cfg / "test.yaml").write_text("{}\n")
+    env = {**os.environ, "KEEL_BUILD_ROOT": str(tmp_path / "build")}
+    done = subprocess.run([str(REPO_ROOT / "bin" / "render-config"), "test", "--config-dir", str(cfg), "-q",
+                           "--no-reload"], capture_output=True, text=True, timeout=60, env=env)
+    assert done.returncode == 0, done.stderr
+    tmp = (tmp_path / "run" / "tmp" / "trainer").stat()
+    assert (tmp.st_uid, tmp.st_gid) == (system_user.pw_uid, system_user.pw_gid)
+    assert (tmp_path / "run").stat().st_uid == 0  # the shared run dir stays root's
+
+
+@as_root
+def test_render_config_names_an_unknown_user_and_exits_non_zero(tmp_path):
+    cfg = tmp_path / "cfg"
+    cfg.mkdir()
+    base = {"project": "kt", "paths": {"root": str(tmp_path), "run_dir": "run", "log_dir": "log", "checkpoint_dir": "ck"},
+            "processes": {"trainer": {"kind": "trainer", "user": "no-such-keel-user"}}}
+    (cfg / "base.yaml").write_text(json.dumps(base))
+    (cfg / "test.yaml").write_text("{}\n")
+    env = {**os.environ, "KEEL_BUILD_ROOT": str(tmp_path / "build")}
+    done = subprocess.run([str(REPO_ROOT / "bin" / "render-config"), "test", "--config-dir", str(cfg), "-q",
+                           "--no-reload"], capture_output=True, text=True, timeout=60, env=env)
+    assert done.returncode != 0
+    assert done.stderr.strip().splitlines() == [
+        "render-config: user 'no-such-keel-user' does not exist on this host (the process's `user:`)"]

@@ -5,7 +5,6 @@ from __future__ import annotations
 import json
 import os
 import signal
-import time
 from dataclasses import replace
 from datetime import datetime, timedelta, timezone
 from pathlib import Path
@@ -22,19 +21,26 @@ from keel.host.sampling import ResourceSampler
 from keel.status.reader import StatusReader
 from keel.status.snapshot import StatusWriter
 from keel.watch.watchdog import EVENTS_FILE, STATE_FILE, Watchdog, WatchdogSettings
+from keel.render.resolve import stack_file
+from tests.resolved import make_config, make_context
 from tests.support import is_alive, wait_until
 
 ME = os.getpid()
 MY_START = psutil.Process(ME).create_time()
+# w1's settings in config terms; keel.json is built from them by the real resolver (``stack_of``).
 PROC = {
     "kind": "command",
-    "program": "keel:w1",
-    "status_names": ["w1"],
-    "health": {"heartbeat_timeout": 10.0, "progress_timeout": 20.0, "startup_grace": 30.0},
-    "limits": {"memory_bytes": None, "gpu_memory_bytes": None},
-    "restart": {"policy": "always", "backoff_initial": 2.0, "backoff_max": 8.0, "max_restarts": 3, "window": 600.0},
-    "stop": {"signal": "TERM", "timeout": 2.0},
+    "command": ["true"],
+    "health": {"heartbeat_timeout": "10s", "progress_timeout": "20s", "startup_grace": "30s"},
+    "restart": {"policy": "always", "backoff_initial": "2s", "backoff_max": "8s", "max_restarts": 3, "window": "10m"},
+    "stop": {"signal": "TERM", "timeout": "2s"},
 }
+
+
+def stack_of(root: Path, **processes: dict):
+    """keel.json (a StackFile) for these processes, as keel.render.resolve builds it."""
+    config = make_config(root, processes)
+    return stack_file(config, make_context(root, config))
 
 
 class Clock:
@@ -63,7 +69,8 @@ class Alerts:
 def env(tmp_path):
     run_dir = tmp_path / "run"
     run_dir.mkdir()
-    stack = {"project": "keel", "processes": {"w1": dict(PROC), "watchdog": {"kind": "watchdog"}}}
+    stack = stack_of(tmp_path, w1=PROC, watchdog={"kind": "watchdog"})
+    assert stack.paths.run_dir == str(run_dir)
     settings = WatchdogSettings(name="watchdog", run_dir=run_dir, stack=tmp_path / "keel.json", poll_interval=2.0,
                                 rss_consecutive_polls=3, stable_after=60.0, alert_command=None, alert_timeout=10.0,
                                 prometheus_textfile=run_dir / "keel.prom", prometheus_interval=5.0,
@@ -73,7 +80,7 @@ def env(tmp_path):
     backend.add("w1", "RUNNING", pid=ME)
     alerts = Alerts()
 
-    def make(**kw):
+    def make(stack=stack, **kw):
         kw.setdefault("sampler", ResourceSampler(nvml=None))
         return Watchdog(stack, settings, backend=backend, clock=clock, wall=lambda: 1.8e9, alerts=alerts,
                         control_sleep=lambda s: None, **kw)
@@ -82,7 +89,8 @@ def env(tmp_path):
         pass
 
     e = Env()
-    e.run_dir, e.stack, e.settings, e.clock, e.backend, e.alerts, e.make = run_dir, stack, settings, clock, backend, alerts, make
+    e.root, e.run_dir, e.stack, e.settings, e.clock, e.backend, e.alerts, e.make = (
+        tmp_path, run_dir, stack, settings, clock, backend, alerts, make)
     e.write = lambda **kw: write_status(run_dir, clock, **kw)
     e.events = lambda: [json.loads(line) for line in (run_dir / EVENTS_FILE).read_text().splitlines()]
     e.actions = lambda: [(c[0], c[1]) for c in backend.calls if c[0] != "status"]
@@ -251,11 +259,10 @@ def test_a_re_rendered_stack_keeps_budgets_adds_and_drops_processes(env):
     wd = env.make()
     env.write(hb_age=11)
     wd.poll_once()
-    new = {"processes": {"w1": {**PROC, "restart": {**PROC["restart"], "max_restarts": 9}}, "w2": dict(PROC)}}
-    wd.set_stack(new)
+    wd.set_stack(stack_of(env.root, w1={**PROC, "restart": {**PROC["restart"], "max_restarts": 9}}, w2=PROC))
     assert set(wd.watched) == {"w1", "w2"}
     assert wd.watched["w1"].budget.restarts_total == 1 and wd.watched["w1"].budget.settings.max_restarts == 9
-    wd.set_stack({"processes": {"w2": dict(PROC)}})
+    wd.set_stack(stack_of(env.root, w2=PROC))
     assert set(wd.watched) == {"w2"}
 
 
@@ -320,8 +327,8 @@ class BigSampler:
 
 
 def test_rss_over_limit_for_n_polls_restarts_with_an_rss_event(env):
-    env.stack["processes"]["w1"]["limits"] = {"memory_bytes": 100 << 20, "gpu_memory_bytes": None}
-    wd = env.make(sampler=BigSampler(200 << 20))
+    limited = stack_of(env.root, w1={**PROC, "limits": {"memory": "100MiB"}}, watchdog={"kind": "watchdog"})
+    wd = env.make(limited, sampler=BigSampler(200 << 20))
     for _ in range(3):
         env.write()
         wd.poll_once()
