@@ -142,8 +142,9 @@ def collect(
             placeholder = health.HealthVerdict(health.Level.OK, "", "unknown")  # not used: the report has it
             started = None
             if verdict is not None:
+                # STARTING has a pid and a start time too: a run the backend just started is a new run.
                 backend_started = (datetime.fromtimestamp(info.started, timezone.utc)
-                                   if info is not None and info.started and state == "RUNNING" else None)
+                                   if info is not None and info.started and info.pid else None)
                 started = run_start(statuses[name].values(), backend_started)
             view.take(health_for(name, report, why, verdict or placeholder, watched=watched, run_started=started))
         views.append(view)

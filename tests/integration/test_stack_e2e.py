@@ -178,12 +178,20 @@ def test_sigkilled_trainer_resumes_from_its_checkpoint(stack):
     wait_until(lambda: list(ckpt_dir.glob("*.pt")), 15, what="a checkpoint")
     before = stack.proc("trainer")
     os.kill(before["pid"], signal.SIGKILL)
-    wait_until(lambda: (p := stack.proc("trainer"))["pid"] not in (None, before["pid"]) and p["health"] == "ok", 60,
-               what="trainer restarted and healthy")
+    status_file = stack.root / "var" / "run" / "trainer.status.json"
+
+    def new_run_training() -> dict | None:
+        # The restarted trainer's own snapshot, once it says running (it resumes before it runs).
+        try:
+            s = json.loads(status_file.read_text())
+        except (OSError, ValueError):
+            return None
+        return s if s["pid"] != before["pid"] and s["state"] == "running" else None
+
+    status = wait_until(new_run_training, 60, what="the restarted trainer running")
     after = stack.proc("trainer")
-    status = json.loads((stack.root / "var" / "run" / "trainer.status.json").read_text())
     resumed_from = status["payload"].get("checkpoint_step") or 0
-    assert resumed_from > 0, "restarted from scratch"
+    assert resumed_from > 0, f"restarted from scratch: {status}"
     assert after["step"] >= resumed_from
     assert after["step"] > before["step"] * 0.5
 
