@@ -143,8 +143,12 @@ def test_not_root_with_a_user_chowns_nothing_and_needs_no_such_user(reachable_di
     # a user that only exists on the deploy host is no error on a developer's machine.
     tmp_path = reachable_dir
     os.chmod(tmp_path, 0o777)
+    # The checkout may sit under a dir only root can read (CI clones into a 0700 temp dir): give the
+    # user its own copy of keel (keel.host.dirs needs only the standard library).
+    code_dir = tmp_path / "code"
+    shutil.copytree(REPO_ROOT / "keel", code_dir / "keel", ignore=shutil.ignore_patterns("__pycache__"))
     code = (
-        f"import sys; sys.path.insert(0, {str(REPO_ROOT)!r});"
+        f"import sys; sys.path.insert(0, {str(code_dir)!r});"
         "from keel.host.dirs import prepare_process_dirs;"
         f"prepare_process_dirs({_resolved(tmp_path / 'a', 'root')!r});"
         f"prepare_process_dirs({_resolved(tmp_path / 'b', 'no-such-user-here')!r})"
