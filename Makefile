@@ -6,7 +6,7 @@ VENV_STAMP := .venv/.keel-installed
 ENV ?= dev
 PYTEST_ARGS ?=
 
-.PHONY: run stop test test-fast bench lint schema golden docs clean venv deps imports
+.PHONY: run stop test test-fast bench lint schema golden docs clean venv deps imports monitoring
 
 # System packages the suite uses, as `command:package` (chromium for the browser tests,
 # systemd-analyze for the unit checks, promtool and node_exporter for the Prometheus tests).
@@ -69,6 +69,9 @@ schema: venv  ## regenerate configs/schema.json and docs/configuration.md from t
 
 golden: venv  ## regenerate tests/golden/ from configs/ (review the diff)
 	@$(PY) -m tests.golden_update
+
+monitoring: venv  ## regenerate monitoring/keel-fleet.json (the Grafana board) from monitoring/board.py
+	@$(PY) -m monitoring.board
 
 clean:
 	rm -rf build var supervisord.conf .pytest_cache .hypothesis

@@ -16,6 +16,12 @@ restarted = supervisord shows a new pid for it; reporting = the new pid's status
 
 Then the watchdog's CPU watching 16 workers, at the dev poll interval (2 s).
 
+Incidents (``--incidents-only`` runs just these): a worker's loop is hung (SIGUSR1) among 3
+healthy ones; hang -> incident = from the fault to the bundle's rename; capture = its
+``capture_seconds``; poll gap = the largest gap between the watchdog's published polls
+while the capture ran (with py-spy made 2 s slow on purpose, so the capture spans polls),
+against the poll interval: the loop must not wait for a capture.
+
 Targets (ratios and bounds within this run):
     hang: restarted     <= progress_timeout + poll_interval + 2 s   (a new process spawned)
     SIGSTOP: restarted  <= heartbeat_timeout + poll_interval + 2 s
@@ -71,14 +77,14 @@ def worker(step: float = 0.2, hb: float = 0.5) -> dict:
 class Stack:
     """A rendered stack in a short /tmp dir under its own supervisord."""
 
-    def __init__(self, processes: dict, poll: float | None) -> None:
+    def __init__(self, processes: dict, poll: float | None, watchdog: dict | None = None) -> None:
         self.dir = Path(tempfile.mkdtemp(prefix="kb", dir="/tmp"))
         self.run_dir = self.dir / "run"
         (self.dir / "cfg").mkdir()
         procs = dict(processes)
         if poll is not None:
             procs["watchdog"] = {"kind": "watchdog", "poll_interval": f"{poll}s", "stable_after": "10m",
-                                 "stop": {"timeout": "5s"}}
+                                 "stop": {"timeout": "5s"}, **(watchdog or {})}
         base = {"project": "kb", "paths": {"root": str(self.dir), "run_dir": str(self.run_dir),
                                            "log_dir": str(self.dir / "log"), "checkpoint_dir": str(self.dir / "ck")},
                 "processes": procs}
@@ -237,6 +243,77 @@ def run_cpu(n: int = 16, window: float = 12.0, poll: float = 2.0) -> dict:
         stack.close()
 
 
+def run_incidents(reps: int, py_spy_delay: float) -> dict:
+    """Hang one worker of four ``reps`` times; time to the incident, capture time, poll gaps during it."""
+    import threading
+
+    from keel.watch.incidents import list_incidents
+
+    tmp = Path(tempfile.mkdtemp(prefix="kbi", dir="/tmp"))
+    py_spy = str(Path(PY).parent / "py-spy")
+    if py_spy_delay:
+        wrapper = tmp / "slow-py-spy"
+        wrapper.write_text(f"#!/bin/sh\nsleep {py_spy_delay}\nexec {py_spy} \"$@\"\n")
+        wrapper.chmod(0o755)
+        py_spy = str(wrapper)
+    stack = Stack({f"w{i}": worker() for i in range(4)}, POLL, {"incidents": {"py_spy": py_spy, "capture_timeout": "8s"}})
+    polls: list[float] = []
+    stop = threading.Event()
+
+    def record() -> None:
+        seen = None
+        while not stop.is_set():
+            st = stack.reader.read("watchdog")
+            lp = st.payload.last_poll.timestamp() if st and st.payload is not None and st.payload.last_poll else None
+            if lp is not None and lp != seen:
+                polls.append(lp)
+                seen = lp
+            stop.wait(0.02)
+
+    th = threading.Thread(target=record, daemon=True)
+    th.start()
+    to_incident, capture, gaps = [], [], []
+    try:
+        for _ in range(reps):
+            st = wait(lambda: stack.reporting("w0"), 30)
+            if not st:
+                continue
+            before = {i["id"] for i in list_incidents(stack.run_dir)}
+            t0 = time.time()
+            os.kill(st.pid, signal.SIGUSR1)
+            new = wait(lambda: [i for i in list_incidents(stack.run_dir) if i["id"] not in before], 30)
+            if not new:
+                continue
+            inc = new[0]
+            to_incident.append(Path(inc["path"]).stat().st_mtime - t0)
+            capture.append(inc["capture_seconds"])
+            from datetime import datetime
+
+            start = datetime.fromisoformat(inc["time"].replace("Z", "+00:00")).timestamp()
+            end = start + inc["capture_seconds"]
+            window = [p for p in polls if start - 2 * POLL <= p <= end + 2 * POLL]
+            inside = [b - a for a, b in zip(window, window[1:]) if b >= start and a <= end]
+            gaps.append(max(inside) if inside else None)
+            wait(lambda: stack.reporting("w0") and stack.reporting("w0").pid != st.pid, 30)
+    finally:
+        stop.set()
+        th.join(5)
+        stack.close()
+        shutil.rmtree(tmp, ignore_errors=True)
+    return {"py_spy_delay_s": py_spy_delay, "reps": len(capture),
+            "hang_to_incident_median_s": median(to_incident), "capture_median_s": median(capture),
+            "max_poll_gap_during_capture_s": max([g for g in gaps if g is not None], default=None),
+            "poll_interval_s": POLL, "progress_timeout_s": PROGRESS_TIMEOUT}
+
+
+def print_incidents(rows: list[dict]) -> None:
+    print(f"incidents (median of {rows[0]['reps']}; progress_timeout {PROGRESS_TIMEOUT:g}s, poll {POLL:g}s):")
+    for r in rows:
+        print(f"  py-spy delay {r['py_spy_delay_s']:g}s: hang -> incident {fmt(r['hang_to_incident_median_s'])}s, "
+              f"capture {fmt(r['capture_median_s'])}s, max poll gap during capture "
+              f"{fmt(r['max_poll_gap_during_capture_s'])}s")
+
+
 def fmt(x: float | None) -> str:
     return "never" if x is None else f"{x:.2f}"
 
@@ -245,7 +322,14 @@ def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--reps", type=int, default=5)
     ap.add_argument("--out", default=str(REPO / "bench" / "results" / "watchdog.json"))
+    ap.add_argument("--incidents-only", action="store_true", help="only the incident figures")
     args = ap.parse_args(argv)
+    if args.incidents_only:
+        rows = [run_incidents(args.reps, 0.0), run_incidents(args.reps, 2.0)]
+        print_incidents(rows)
+        Path(args.out).parent.mkdir(parents=True, exist_ok=True)
+        Path(args.out).with_name("watchdog_incidents.json").write_text(json.dumps(rows, indent=2) + "\n")
+        return 0
 
     settings = {"heartbeat_timeout_s": HB_TIMEOUT, "progress_timeout_s": PROGRESS_TIMEOUT, "startup_grace_s": GRACE,
                 "poll_interval_s": POLL, "heartbeat_interval_s": 0.5, "never_after_s": NEVER_AFTER, "reps": args.reps}

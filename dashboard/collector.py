@@ -1,6 +1,7 @@
 """The one reader per server process: polls the run dir and keeps a bounded history.
 
-Every ``refresh`` seconds the collector runs its blocking reads (status scan,
+Every ``refresh`` seconds (the run dir's files also within ~0.05 s of a change: dashboard.watcher)
+the collector runs its blocking reads (status scan,
 metrics and events tails, resource sampling, log tails, its own status write)
 through ``dashboard.aio.BlockingRunner``, off the event loop and with a timeout each.
 A read that fails or hangs becomes an entry in ``errors`` (shown on the page);
@@ -19,7 +20,7 @@ from datetime import datetime, timezone
 from pathlib import Path
 from typing import Any, Callable
 
-from dashboard.aio import BlockingRunner, TaskSet, sleep_until_or_stop
+from dashboard.aio import BlockingRunner, TaskSet
 from keel.status.models import DashboardState, ProcessStatus, State
 from keel.host.sampling import ResourceSample, ResourceSampler
 from keel.status.jsonl_tail import JsonlTail
@@ -27,14 +28,15 @@ from keel.status.reader import StatusReader
 from keel.status.results import ReadError, Stale
 
 from dashboard.config import DashboardConfig
-from dashboard.history import History
+from dashboard.history import FULL_RES_POINTS, History
 from dashboard.logtail import LogTail
 from dashboard.present import Verdict, error_label, event_line, overall, process_rows
+from dashboard.watcher import Cycle, Pacer, RunDirWatcher, kept_errors, nothing, wait_any
 from keel.watch.verdicts import BY_WATCHDOG, ProcessHealth, health_from_files
 
 log = logging.getLogger("dashboard.collector")
 
-METRIC_COLUMNS = ("step", "loss", "val_loss", "lr", "samples_per_s", "grad_norm")
+METRIC_COLUMNS = ("step", "t", "loss", "val_loss", "lr", "samples_per_s", "grad_norm")
 # One series for everything sampled at the same instant: host, each process, each GPU.
 # A browser session then gets one stream message per refresh for all resource plots,
 # not one per process and GPU (each message costs the server a pass over the document).
@@ -144,6 +146,7 @@ class Collector:
         self.gpu_error: str | None = None
         self.events: collections.deque[tuple[int, str]] = collections.deque(maxlen=EVENTS_KEPT)
         self._event_serial = 0
+        self.event_records: collections.deque[dict] = collections.deque(maxlen=EVENTS_KEPT)  # raw, for the curves
         # Health is the watchdog's published verdict (keel.watch.verdicts), or judged here with the same rules
         # when it is not reporting (``watchdog_why`` says why): never counted or judged by rules of our own.
         self.health: dict[str, ProcessHealth] = {}
@@ -168,6 +171,7 @@ class Collector:
         # generation by the first session that needs it, not once per session.
         self.derived: dict[str, Any] = {}
         self._listeners: list[Callable[[], None]] = []
+        self.watcher = RunDirWatcher(cfg.run_dir, cfg.name)
 
     def subscribe(self, listener: Callable[[], None]) -> Callable[[], None]:
         """Call ``listener`` (on the loop) after every cycle; returns the unsubscribe function."""
@@ -193,16 +197,23 @@ class Collector:
         self.tasks.spawn(self._run(), name="dashboard-collector")
 
     async def _run(self) -> None:
-        while not self._stop.is_set():
-            started = time.perf_counter()
-            try:
-                await self.cycle()
-            except Exception as exc:  # noqa: BLE001 - the loop never stops; the page shows why
-                log.exception("refresh cycle failed")
-                self.errors["collector"] = f"{type(exc).__name__}: {exc}"
-            elapsed = time.perf_counter() - started
-            if await sleep_until_or_stop(self._stop, max(0.05, self.cfg.refresh - elapsed)):
-                break
+        # A stat poll every ~0.05 s wakes us; the run dir is read on a change, everything every refresh.
+        pacer, wake, loop = Pacer(self.cfg.refresh), asyncio.Event(), asyncio.get_running_loop()
+        stop_watch = self.watcher.start_thread(lambda: loop.call_soon_threadsafe(wake.set))
+        try:
+            while not self._stop.is_set():
+                kind = pacer.due(now := self._mono(), wake.is_set())
+                if kind is not None:
+                    wake.clear()
+                    pacer.ran(kind, now)
+                    try:
+                        await self.cycle(kind)
+                    except Exception as exc:  # noqa: BLE001 - the loop never stops; the page shows why
+                        log.exception("refresh cycle failed")
+                        self.errors["collector"] = f"{type(exc).__name__}: {exc}"
+                await wait_any(wake, self._stop, pacer.until_full(self._mono()))
+        finally:
+            stop_watch.set()
 
     async def stop(self) -> None:
         """Stop polling, write state=stopped, release the reader."""
@@ -231,10 +242,10 @@ class Collector:
             return None
         return result
 
-    async def cycle(self) -> None:
-        """One refresh: read everything, apply it, publish our own status."""
-        t0 = time.perf_counter()
-        self._new_errors: dict[str, str] = {}
+    async def cycle(self, kind: Cycle = Cycle.FULL) -> None:
+        """One refresh: read everything, apply it, publish our own status (FILES: the run dir's files only)."""
+        t0, full = time.perf_counter(), kind is not Cycle.FILES
+        self._new_errors: dict[str, str] = kept_errors(self.errors, kind)
         statuses = await self._guard("status scan", self.reader.scan)
         if statuses is not None:
             self.statuses = statuses
@@ -243,8 +254,8 @@ class Collector:
         metrics, events, sample, logs = await asyncio.gather(
             self._guard("metrics", self.reader.metrics, names),
             self._guard("events", self.reader.events),
-            self._guard("resources", self.reader.sample, pids),
-            self._guard("logs", self.reader.logs),
+            self._guard("resources", self.reader.sample, pids) if kind is Cycle.FULL else nothing(),
+            self._guard("logs", self.reader.logs) if full else nothing(),
         )
         now_mono, now_wall = self._mono(), self._wall()
         if metrics is not None:
@@ -276,9 +287,9 @@ class Collector:
             self._window, self._window_started = [], now_mono
         # A failure lands in self.errors (the same dict) and so on the page; a
         # reporter that could not start is retried next cycle.
-        if self.reporter is None and self._reporter_factory is not None:
+        if full and self.reporter is None and self._reporter_factory is not None:
             await self._guard("own status", self._start_reporter)
-        if self.reporter is not None:
+        if full and self.reporter is not None:
             await self._guard("own status", self._report, now_wall, dict(self.errors))
         # Sessions update now rather than at their own timer's next tick: a new value reaches
         # the page right after the cycle that read it, and session work never lands mid-cycle.
@@ -320,13 +331,14 @@ class Collector:
                 continue
             h = self.metrics.get(name)
             if h is None:
-                h = self.metrics[name] = History(METRIC_COLUMNS, self.cfg.history_points)
+                h = self.metrics[name] = History(METRIC_COLUMNS, FULL_RES_POINTS)
             h.extend(recs)
 
     def _apply_events(self, events: list[dict]) -> None:
         for rec in events:
             self._event_serial += 1
             self.events.append((self._event_serial, event_line(rec)))
+            self.event_records.append(rec)
 
     def _apply_sample(self, sample: ResourceSample, now_wall: datetime) -> None:
         """One row of ``resources``: a process or GPU absent from this sample gets NaN (a gap)."""

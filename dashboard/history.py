@@ -1,18 +1,24 @@
-"""A bounded, downsampled in-memory time series for the dashboard's plots.
+"""A bounded in-memory time series for the dashboard's plots, kept at full resolution.
 
 Each point gets a serial number that only grows, so a browser session can ask
-for "everything after the last serial I sent" and stream just that. When the
-series grows past ``max_points``, the older half is thinned to every other
-point: recent data stays at full resolution, old data at a coarser one, and
-memory stays bounded whatever the run length.
+for "everything after the last serial I sent" and stream just that. Points are
+kept at full resolution up to ``max_points`` (sessions downsample what they
+draw, per visible range: dashboard.downsample); past it, the older half is
+reduced with MinMaxLTTB (tsdownsample), so every spike survives and memory
+stays bounded whatever the run length.
 """
 
 from __future__ import annotations
 
 import bisect
 import math
-from array import array
 from typing import Iterable, Mapping
+
+import numpy as np
+
+from dashboard.downsample import select
+
+FULL_RES_POINTS = 2_000_000  # metric rows kept at full resolution per stream (7 columns: ~110 MB at most)
 
 
 class History:
@@ -23,67 +29,113 @@ class History:
             raise ValueError(f"max_points must be at least 4, got {max_points}")
         self.columns = tuple(columns)
         self.max_points = max_points
-        # array('d'): 8 bytes a value instead of a 24-byte float object plus a pointer,
-        # which is most of the dashboard's memory with 64 streams of 2000 points.
-        self._serials = array("q")
-        self._data: dict[str, array] = {c: array("d") for c in self.columns}
+        # numpy buffers that double when full: 8 bytes a value, and views for the downsampler.
+        self._cap = 64
+        self._n = 0
+        self._serials = np.zeros(self._cap, dtype=np.int64)
+        self._data: dict[str, np.ndarray] = {c: np.full(self._cap, math.nan) for c in self.columns}
         self._next = 0
         self.downsamples = 0
 
     def __len__(self) -> int:
-        return len(self._serials)
+        return self._n
 
     @property
     def last_serial(self) -> int:
         """Serial of the newest point, -1 when empty."""
         return self._next - 1
 
+    def _grow(self, need: int) -> None:
+        if need <= self._cap:
+            return
+        cap = max(need, 2 * self._cap)
+        s = np.zeros(cap, dtype=np.int64)
+        s[: self._n] = self._serials[: self._n]
+        self._serials = s
+        for c, col in self._data.items():
+            new = np.full(cap, math.nan)
+            new[: self._n] = col[: self._n]
+            self._data[c] = new
+        self._cap = cap
+
     def append(self, row: Mapping[str, object]) -> None:
-        """Add one point; a missing or non-numeric column becomes NaN (a gap in the plot)."""
-        self._serials.append(self._next)
-        self._next += 1
-        for c in self.columns:
-            self._data[c].append(_as_float(row.get(c)))
-        if len(self._serials) > self.max_points:
-            self._downsample()
+        """Add one point; a missing or non-numeric column becomes NaN (no value at that point)."""
+        self.extend([row])
 
     def extend(self, rows: Iterable[Mapping[str, object]]) -> None:
         """Append many points in order."""
-        for r in rows:
-            self.append(r)
+        rows = list(rows)
+        if not rows:
+            return
+        self._grow(self._n + len(rows))
+        n, k = self._n, len(rows)
+        self._serials[n: n + k] = np.arange(self._next, self._next + k)
+        for c in self.columns:
+            self._data[c][n: n + k] = [_as_float(r.get(c)) for r in rows]
+        self._n += k
+        self._next += k
+        while self._n > self.max_points:
+            self._downsample()
 
     def add_column(self, name: str) -> None:
         """A new column; the points already held get NaN in it (a gap, not a made-up value)."""
         if name in self._data:
             return
         self.columns += (name,)
-        self._data[name] = array("d", [math.nan]) * len(self._serials)
+        self._data[name] = np.full(self._cap, math.nan)
 
     def _downsample(self) -> None:
-        # Thin the older half to every other point; the newest half is untouched
-        # so a session streaming "after serial N" never misses a recent point.
-        half = len(self._serials) // 2
-        self._serials = self._serials[0:half:2] + self._serials[half:]
+        # Reduce the older half to a quarter with MinMaxLTTB per column (the union of the points
+        # each column needs); the newest half is untouched so a session streaming "after serial N"
+        # never misses a recent point.
+        half = self._n // 2
+        per_col = max(4, half // (2 * max(1, len(self.columns))))
+        x = self._serials[:half].astype(np.float64)
+        keep = [np.array([0, half - 1])]
+        for c in self.columns:
+            y = self._data[c][:half]
+            ok = np.flatnonzero(np.isfinite(y))
+            if len(ok):
+                keep.append(ok[select(x[ok], y[ok], per_col)])
+        idx = np.unique(np.concatenate(keep))
+        while len(idx) > max(1, half // 2):  # tiny bounds: always shrink, keeping the ends
+            idx = np.unique(np.append(idx[::2], idx[-1])) if len(idx) > 2 else idx[:1]
+        idx = np.concatenate([idx, np.arange(half, self._n)])
+        m = len(idx)
+        self._serials[:m] = self._serials[idx]
         for c in self.columns:
             col = self._data[c]
-            self._data[c] = col[0:half:2] + col[half:]
+            col[:m] = col[idx]
+            col[m: self._n] = math.nan
+        self._n = m
         self.downsamples += 1
+
+    def _start(self, serial: int) -> int:
+        return int(np.searchsorted(self._serials[: self._n], serial, side="right"))
 
     def since(self, serial: int, columns: Iterable[str] | None = None) -> dict[str, list[float]]:
         """Columns (all, or those named) of the points newer than ``serial`` (all points for -1)."""
-        start = bisect.bisect_right(self._serials, serial)
-        return {c: self._data[c][start:].tolist() for c in (self.columns if columns is None else columns)}
+        start = self._start(serial)
+        return {c: self._data[c][start: self._n].tolist() for c in (self.columns if columns is None else columns)}
 
     def data(self, columns: Iterable[str] | None = None) -> dict[str, list[float]]:
         """All retained points of all (or the named) columns, as copies."""
         return self.since(-1, columns)
 
+    def arrays(self, serial: int = -1) -> dict[str, np.ndarray]:
+        """Read-only numpy views of the points newer than ``serial``, plus their ``serial`` column."""
+        start = self._start(serial)
+        out = {c: self._data[c][start: self._n] for c in self.columns}
+        out["serial"] = self._serials[start: self._n]
+        for v in out.values():
+            v.flags.writeable = False
+        return out
+
     def latest(self, column: str) -> float | None:
         """The newest non-NaN value of ``column``, or None."""
-        for v in reversed(self._data[column]):
-            if not math.isnan(v):
-                return v
-        return None
+        col = self._data[column][: self._n]
+        ok = np.flatnonzero(~np.isnan(col))
+        return float(col[ok[-1]]) if len(ok) else None
 
 
 def _as_float(value: object) -> float:
@@ -98,4 +150,3 @@ def _as_float(value: object) -> float:
         except ValueError:
             return math.nan
     return math.nan
-

@@ -14,14 +14,17 @@ from typing import Any
 
 from bokeh.document import Document
 from bokeh.layouts import column, row
-from bokeh.models import ColumnDataSource, CustomJS, DataTable, Div, Line, Scatter, StringFormatter, TableColumn
+from bokeh.models import ColumnDataSource, CustomJS, DataTable, Div, Line, StringFormatter, TableColumn
 from bokeh.palettes import Category10_10
 from bokeh.plotting import figure
 
 from keel.status.models import ProcessStatus
 from keel.status.results import ReadError, Stale
 
+from dashboard.training_plots import TrainingPlots
 from dashboard.collector import RESOURCE_COLUMNS, Collector, gpu_column, proc_column
+from dashboard.runs_panel import mount_runs_panel
+from dashboard.incident_panel import mount_incident_panel
 from dashboard.present import (
     BAD, DEFAULT_HEARTBEAT_TIMEOUT, GREY, OK, ROW_COLUMNS, WARN, badge, esc, fmt_age, fmt_num, training_summary,
 )
@@ -85,9 +88,7 @@ class SessionView:
         self._training_keys: list[tuple[str, str]] = []
         self._resource_keys: list[tuple[str, str]] = [("black", "host (RAM % dashed)")]
         self._set(self.resources_key, _key_html(self._resource_keys))
-        self.loss = _fig("loss (line) and validation loss (dots)", "step", name="loss_plot")
-        self.speed = _fig("throughput (samples/s)", "step", name="throughput_plot")
-        self.lr = _fig("learning rate", "step", name="lr_plot")
+        self.plots = TrainingPlots()  # the training figures and their reading tools (dashboard.training_plots)
         self.cpu = _fig("CPU % (host and processes)", "time", datetime_x=True, name="cpu_plot")
         self.ram = _fig("RSS MiB per process; host RAM % (dashed)", "time", datetime_x=True, name="ram_plot")
         self.gpu = _fig("GPU utilization % (line), memory % (dashed)", "time", datetime_x=True, name="gpu_plot")
@@ -95,7 +96,6 @@ class SessionView:
         self.events = Div(name="events", css_classes=["keel-events"], sizing_mode="stretch_width")
         self.logs = Div(name="logs", css_classes=["keel-logs"], sizing_mode="stretch_width")
         self.update_error = Div(name="update_error", visible=False)
-        self.metric_sources: dict[str, ColumnDataSource] = {}
         self._sent: dict[str, int] = {}
         self._event_serial = -1
         self._event_lines: list[str] = []
@@ -111,7 +111,7 @@ class SessionView:
         _line(self.ram, self.resources_source, "t", "host_mem_pct", "black", line_dash="dashed")
         self.layout = column(
             self.header, self.errors, self.table, self.training, self.training_key,
-            row(self.loss, self.speed, self.lr, sizing_mode="stretch_width"),
+            self.plots.layout,
             self.resources_key,
             row(self.cpu, self.ram, column(self.gpu_note, self.gpu, sizing_mode="stretch_width"),
                 sizing_mode="stretch_width"),
@@ -132,23 +132,6 @@ class SessionView:
         if new and len(next(iter(new.values()))):
             src.stream(new, rollover=self.rollover)
         self._sent[key] = hist.last_serial
-
-    def _metric_source(self, name: str) -> ColumnDataSource:
-        src = self.metric_sources.get(name)
-        if src is None:
-            hist = self.c.metrics[name]
-            src = self.metric_sources[name] = ColumnDataSource(hist.data(), name=f"metrics:{name}",
-                                                                syncable=False)
-            self._sent[f"metrics:{name}"] = hist.last_serial
-            color = Category10_10[(len(self.metric_sources) - 1) % 10]
-            _line(self.loss, src, "step", "loss", color)
-            self.loss.add_glyph(src, Scatter(x="step", y="val_loss", fill_color=color, line_color=color, size=6,
-                                             syncable=False), syncable=False)
-            _line(self.speed, src, "step", "samples_per_s", color)
-            _line(self.lr, src, "step", "lr", color)
-            self._training_keys.append((color, name))
-            self._set(self.training_key, _key_html(self._training_keys))
-        return src
 
     def _update_resources(self) -> None:
         """Stream the new samples; when a process or GPU is first plotted, resend the source once."""
@@ -214,8 +197,11 @@ class SessionView:
         )))
         self._update_table(c.rows)
         self._set(self.training, self._derived("training", self._training_html))
-        for name in sorted(c.metrics)[:MAX_PLOTTED]:
-            self._stream(f"metrics:{name}", self._metric_source(name), c.metrics[name])
+        streams = sorted(c.metrics)[:MAX_PLOTTED]
+        writers = {s: tuple(p.name for p in c.cfg.processes if s in p.status_names) for s in streams}
+        if self.plots.update(c.metrics, streams, c.event_records, writers) and len(streams) != len(self._training_keys):
+            self._training_keys = [(Category10_10[i % 10], n) for i, n in enumerate(streams)]
+            self._set(self.training_key, _key_html(self._training_keys))
         self._update_resources()
         no_gpu = not c.gpus
         self._set(self.gpu_note, f"{badge('no GPU', WARN)} {esc(c.gpu_error or 'no GPU metrics')}" if no_gpu
@@ -377,6 +363,9 @@ def make_doc(doc: Document, collector: Collector) -> SessionView:
     view = SessionView(doc, collector)
     doc.title = f"{collector.cfg.project} · {collector.cfg.environment}"
     doc.add_root(view.layout)
+    # past runs: a table, overlays on the loss curve, a baseline pin (dashboard/runs_panel.py)
+    view.runs = mount_runs_panel(doc, collector.cfg, view.plots)
+    view.incident = mount_incident_panel(doc, collector.cfg)  # dashboard/incident_panel.py
     collector.sessions += 1
     # The timer keeps the header honest when the reader stalls; new data arrives by the push below.
     callback = doc.add_periodic_callback(view.update, int(collector.cfg.refresh * 1000))

@@ -167,6 +167,8 @@ def process_rows(
             State.STOPPED, State.FAILED) else DASH
         writes = str(status.write_failures)
         note = v.note or (status.last_error or "")
+        if h is not None and h.end_reason and (v.label != "ok" or status.state in (State.STOPPED, State.FAILED)):
+            note = f"{note}; last end: {h.end_reason}".lstrip("; ")  # the watchdog's classification (End states)
         if status.write_failures:
             note = f"{note}; status writes failing: {status.last_write_error or '?'}".lstrip("; ")
         _add_row(cols, sname, kind, status.state.value, str(status.pid), uptime, restarts, v, hb, pa, writes,

@@ -30,6 +30,7 @@ from keel.status.reporter import ProcessReporter
 from dashboard.auth import PasswordAuth, load_hash
 from dashboard.collector import Collector
 from dashboard.config import ConfigError, DashboardConfig, check_bind, is_loopback, load_config
+from dashboard.hostcheck import install_on_server
 from dashboard.page import make_doc
 
 log = logging.getLogger("dashboard.server")
@@ -57,13 +58,15 @@ def websocket_origins(cfg: DashboardConfig) -> list[str]:
 
 
 def build_server(cfg: DashboardConfig, collector: Collector, auth: PasswordAuth | None = None) -> Server:
-    """A Bokeh Server bound as configured, with the page at "/" (call inside a running loop)."""
+    """A Bokeh Server bound as configured, with the page at "/" (call inside a running loop); every
+    request's Host header is checked against the same names as the websocket Origin (dashboard.hostcheck)."""
     app = Application(FunctionHandler(lambda doc: make_doc(doc, collector)), CollectorHooks(collector))
+    origins = websocket_origins(cfg)
     unused_ms = max(1, int(cfg.unused_session_lifetime * 1000))
     kwargs: dict[str, Any] = dict(
         address=cfg.address,
         port=cfg.port,
-        allow_websocket_origin=websocket_origins(cfg),
+        allow_websocket_origin=origins,
         keep_alive_milliseconds=int(cfg.keep_alive * 1000),
         unused_session_lifetime_milliseconds=unused_ms,
         # check at least as often as the lifetime, so a closed tab is freed on time
@@ -76,7 +79,9 @@ def build_server(cfg: DashboardConfig, collector: Collector, auth: PasswordAuth 
     if auth is not None:
         kwargs["auth_provider"] = auth
         kwargs["cookie_secret"] = secrets.token_urlsafe(32)
-    return Server({"/": app}, **kwargs)
+    server = Server({"/": app}, **kwargs)
+    install_on_server(server, origins)
+    return server
 
 
 def close_sessions(server: Server) -> int:

@@ -30,11 +30,14 @@ from keel.host.gpu_allocation import allocate_gpus
 from trainer import distributed
 from trainer.sdnotify import Notifier
 from keel.render.contract import ContractError, load_process_file
+from keel.render.torchrun import rank_status_name
 
 from trainer.settings import TrainerSettings, choose_tmpdir, from_process_file
 from trainer.signals import StopFlag
+from trainer import stackdump
+from trainer import multinode
 
-DEFAULT_ENTRY = "trainer.job:main"
+from trainer.runs import BUILTIN_ENTRY as DEFAULT_ENTRY  # noqa: E402 - one name for the built-in (the digest uses it)
 
 
 def resolve_entry(spec: str | None) -> Callable[[Any], Any]:
@@ -50,9 +53,11 @@ def resolve_entry(spec: str | None) -> Callable[[Any], Any]:
     return obj
 
 
-def status_name(settings: TrainerSettings, info: distributed.DistInfo | None) -> str:
-    """`trainer`, or `trainer.rank<N>` under torchrun (one status file per rank)."""
-    return f"{settings.name}.rank{info.rank}" if info is not None else settings.name
+def status_name(settings: TrainerSettings, info: distributed.DistInfo | None, node: str | None = None) -> str:
+    """`trainer`, or one status file per rank under torchrun (`trainer.rank<N>`; multi-node `trainer.<node>.r<local rank>`)."""
+    if info is None:
+        return settings.name
+    return rank_status_name(settings.name, info.rank if node is None else info.local_rank, node)
 
 
 def _parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
@@ -77,8 +82,11 @@ def main(argv: Sequence[str] | None = None) -> int:
     # Signals first: a SIGTERM during the slow start-up must stop us cleanly, not kill us.
     stop = StopFlag()
     stop.install()
+    stackdump.register(settings.run_dir)  # before the slow start-up: a hang there gets stacks too
     info = distributed.detect(os.environ)
-    name = status_name(settings, info)
+    if info is not None:
+        distributed.die_with_agent()
+    name = status_name(settings, info, resolved.trainer.torchrun.node if resolved.trainer else None)
     log = setup_logging(name, settings.log_format, settings.log_level)
     prepare_process_dirs(resolved)
     tmp_dir, fell_back = choose_tmpdir(settings.tmp_dir, name, os.getuid())
@@ -137,14 +145,17 @@ def main(argv: Sequence[str] | None = None) -> int:
     try:
         if alloc_error is not None:
             raise alloc_error
-        run = _build_run(settings, info, reporter, stop, notifier, log, gpu_indices, run_id)
+        run = _build_run(settings, info, reporter, stop, notifier, log, gpu_indices, run_id, resolved.trainer.runs)
+        multinode.check_at_start(resolved.trainer.torchrun, info, settings.checkpoint_dir)  # multi-node: a shared checkpoint_dir
         entry = resolve_entry(settings.entry)
         entry(run)
         run.begin_stopping()
         run.flush()
+        run.ledger.end("stopped" if stop.is_set() else "completed")
         distributed.barrier()  # rank 0 may still be writing the final checkpoint
         reporter.close(State.STOPPED)
         log.info("state stopped", extra={"event": "state", "state": "stopped", "step": run.step})
+        _record_exit(settings, name, 0, run.step, None, stop)
         return 0
     except BaseException as e:  # noqa: BLE001 - every failure must reach the status file
         error = f"{type(e).__name__}: {e}"
@@ -154,8 +165,10 @@ def main(argv: Sequence[str] | None = None) -> int:
                 run.flush()
             except Exception:  # noqa: BLE001 - the status write below matters more
                 pass
+            run.ledger.end("failed", error)
         reporter.close(State.FAILED, error)
         log.info("state failed", extra={"event": "state", "state": "failed"})
+        _record_exit(settings, name, 1, run.step if run is not None else None, e, stop)
         return 1
     finally:
         notifier.stopping()
@@ -163,6 +176,20 @@ def main(argv: Sequence[str] | None = None) -> int:
         distributed.shutdown()
         if allocation is not None:
             allocation.release()
+
+
+def _record_exit(settings: TrainerSettings, name: str, code: int, step: int | None, error: BaseException | None,
+                 stop: StopFlag) -> None:
+    """``<name>.exit.json``: how this run ended, for the watchdog (keel.status.exits); never raises, we are dying."""
+    import signal as _signal
+
+    from keel.status.exits import exit_record_for, write_exit_record
+
+    sig = _signal.Signals(stop.signum).name if stop.signum is not None else None
+    try:
+        write_exit_record(settings.run_dir, name, exit_record_for(code, step, error, sig))
+    except Exception:  # noqa: BLE001 - the exit code still tells the backend
+        pass
 
 
 def _build_run(
@@ -174,6 +201,7 @@ def _build_run(
     log: logging.Logger,
     gpu_indices: list[int],
     run_id: str,
+    retention,
 ):
     """Import torch, pick the device, join torchrun's group, and assemble the `Run`."""
     import functools
@@ -182,6 +210,7 @@ def _build_run(
 
     from trainer.checkpoint import CheckpointStore
     from trainer.run import Run
+    from trainer.runs import RunArchive, RunLedger, shared_run_id
 
     torch.set_num_threads(settings.threads)
     local_rank = info.local_rank if info else 0
@@ -192,6 +221,8 @@ def _build_run(
         backend = distributed.choose_backend(settings.backend, device.type == "cuda")
         distributed.init(info, backend, device)
         any_rank = functools.partial(distributed.any_rank, device=device)
+        run_id = shared_run_id(run_id)  # every rank names rank 0's run (a resume adopts the checkpoint's)
+        reporter.update_payload(run_id=run_id)
     gpu_memory = (lambda: int(torch.cuda.memory_allocated(device))) if device.type == "cuda" else None
 
     holder: dict[str, Run] = {}
@@ -203,6 +234,10 @@ def _build_run(
     if info is None or info.is_main:
         for p in store.remove_stale_temps():
             log.warning("removed stale checkpoint temp file %s", p, extra={"event": "checkpoint_temp_removed"})
+    ledger = RunLedger(settings, store=store, logger=logging.getLogger("keel.trainer"))
+    if info is None or info.is_main:  # one archive writer per run
+        ledger.archive = RunArchive(settings.run_dir, settings.name, keep=retention.keep, max_bytes=retention.max_bytes,
+                                    inputs=ledger.inputs, digest=ledger.digest)
     run = Run(
         settings,
         reporter=reporter,
@@ -216,6 +251,7 @@ def _build_run(
         any_rank=any_rank,
         gpu_memory=gpu_memory,
         run_id=run_id,
+        ledger=ledger,
     )
     holder["run"] = run
     reporter.update_payload(device=str(device))

@@ -4,6 +4,8 @@ A checkpoint is written to a temp file in the same directory, fsynced,
 renamed over its final name with os.replace and the directory fsynced, so a
 crash at any instant leaves either the old set of files or the new one, never a
 half-written `ckpt-*.pt`. A temp file left by a crash is removed at start-up.
+A checkpoint belongs to one run (trainer/runs.py): another run's checkpoints are moved
+aside to `superseded/<run_id>/` by `set_aside`, kept, and never loaded again.
 Limits: the directory must be on a local filesystem (rename is atomic there;
 NFS makes weaker promises).
 """
@@ -25,6 +27,7 @@ PREFIX = "ckpt-"
 SUFFIX = ".pt"
 TEMP_PREFIX = ".tmp-ckpt-"
 CORRUPT_SUFFIX = ".corrupt"
+SUPERSEDED_DIR = "superseded"
 _NAME = re.compile(r"^ckpt-(\d{9,})\.pt$")
 
 log = logging.getLogger("keel.trainer.checkpoint")
@@ -111,6 +114,22 @@ class CheckpointStore:
                 path.unlink()
             except FileNotFoundError:
                 pass
+
+    def set_aside(self, run_id: str) -> Path:
+        """Move every finished checkpoint to `superseded/<run_id>/` (kept, never loaded again); returns that dir.
+
+        A new run must not find them: the newest step would win `load_latest` over its own
+        checkpoints, and `keep` would prune them. One rename per file, so a crash half-way
+        leaves the rest for the next start to move; call it on rank 0 only."""
+        safe = re.sub(r"[^A-Za-z0-9_.-]", "_", run_id or "unknown").lstrip(".") or "unknown"
+        target = self.directory / SUPERSEDED_DIR / safe
+        target.mkdir(parents=True, exist_ok=True)
+        for _, path in self.steps():
+            try:
+                os.replace(path, target / path.name)
+            except FileNotFoundError:
+                pass
+        return target
 
     def _quarantine(self, path: Path) -> None:
         # Renamed aside (kept for a post-mortem) so it neither shadows newer saves nor takes a `keep` slot.

@@ -42,6 +42,29 @@ def detect(environ: Mapping[str, str]) -> DistInfo | None:
     )
 
 
+def die_with_agent() -> bool:
+    """A torchrun worker dies with its agent (Linux PR_SET_PDEATHSIG), so a SIGKILLed agent leaves no rank.
+
+    torchrun starts its workers in their own session, so the backend's kill of the agent's
+    process group (supervisord's killasgroup, systemd's KillMode) does not reach them; a rank
+    blocked in a collective with a node that went away would then outlive its stack. False
+    where the call is not available (not Linux).
+    """
+    import ctypes
+    import os
+    import signal
+
+    try:
+        libc = ctypes.CDLL(None, use_errno=True)
+        if libc.prctl(1, int(signal.SIGKILL), 0, 0, 0) != 0:  # 1: PR_SET_PDEATHSIG
+            return False
+    except (OSError, AttributeError):
+        return False
+    if os.getppid() == 1:  # the agent died before the call: do not run on as an orphan
+        os._exit(1)
+    return True
+
+
 def choose_backend(requested: str, cuda: bool) -> str:
     """`auto` is NCCL on CUDA and gloo on CPU; anything else is taken as given."""
     if requested == "auto":

@@ -259,7 +259,8 @@ def main(run: Run) -> None:
             if s.max_steps is not None and step >= s.max_steps:
                 break
             this_step = step + 1  # steps count from 1: "step N" is the N-th completed step
-            x, y = next(batches)
+            with run.phase("data"):  # waiting for the DataLoader: the data-wait fraction (data_starved)
+                x, y = next(batches)
             x, y = x.to(run.device, non_blocking=True), y.to(run.device, non_blocking=True)
             loss = loss_fn(net(x), y)
             if this_step in p.nan_at_steps:
@@ -281,7 +282,8 @@ def main(run: Run) -> None:
             if grad_norm is not None:
                 metrics["grad_norm"] = grad_norm
             if s.val_every_steps and step % s.val_every_steps == 0:
-                val = validate(run, model, val_batches)
+                with run.phase("validation"):
+                    val = validate(run, model, val_batches)
                 if val is not None:
                     metrics["val_loss"] = val
             run.report(step=step, loss=value, **metrics)

@@ -23,13 +23,16 @@ import logging
 import math
 import time
 import uuid
+from contextlib import contextmanager
 from pathlib import Path
-from typing import Any, Callable
+from typing import Any, Callable, Iterator
 
 from keel.status.models import State
 
 from trainer import signals
 from trainer.checkpoint import CheckpointStore
+from trainer.phases import PhaseTimer
+from trainer.runs import RunLedger
 from trainer.sdnotify import Notifier
 from trainer.settings import TrainerSettings
 
@@ -69,6 +72,7 @@ class Run:
         gpu_memory: Callable[[], int | None] | None = None,
         run_id: str | None = None,
         clock: Callable[[], float] = time.monotonic,
+        ledger: RunLedger | None = None,
     ) -> None:
         self.settings = settings
         self.device = device
@@ -79,6 +83,8 @@ class Run:
         self.rank = rank
         self.world_size = world_size
         self.run_id = run_id or new_run_id()
+        #: New run or resume, the config digest, the run archive (trainer/runs.py).
+        self.ledger = ledger or RunLedger(settings, store=store)
         self._reporter = reporter
         self._store = store
         self._stop = stop
@@ -86,6 +92,7 @@ class Run:
         self._any_rank = any_rank
         self._gpu_memory = gpu_memory
         self._clock = clock
+        self._phases = PhaseTimer(clock())  # phases and the data-wait fraction (trainer/phases.py)
         self._stopping = False
         self._running = False
         self._nan_seen_step: int | None = None
@@ -130,11 +137,29 @@ class Run:
         """This process's stop flag alone (no collective): safe to poll inside validation or eval loops."""
         return self._stop.is_set()
 
+    @contextmanager
+    def phase(self, name: str) -> Iterator[None]:
+        """Time a stretch of the loop as phase `name` (`data`: waiting for a batch; `validation`, ...).
+
+        The watchdog's `progress_timeout: auto` judges a hang against this phase's own history, and
+        time inside `data` is the data-wait fraction of the `data_starved` warning. Phases nest."""
+        now = self._clock()
+        self._phases.enter(name, now)
+        if self._phases.publish_now(name):  # a long (or new) phase is published at once; short ones ride along
+            self._reporter.update_payload(**self._phases.payload())
+        try:
+            yield
+        finally:
+            self._phases.exit(self._clock())
+            if self._phases.publish_now(name):
+                self._reporter.update_payload(**self._phases.payload())
+
     def report(self, step: int, loss: float | None = None, **metrics: Any) -> None:
         """Record that `step` completed. `samples=` (items in this step) drives samples/s; other
         keywords (lr, grad_norm, val_loss, ...) go to the metrics file. Cheap: call it every step."""
         now = self._clock()
         self.step = step
+        self._phases.step_done(now)
         if not self._running:
             self._start_running(now)
         if loss is not None:
@@ -198,9 +223,14 @@ class Run:
         self._last_ckpt_step = step
         if not self.is_main:
             return None
-        wrapped = {"format": CHECKPOINT_FORMAT, "run_id": self.run_id, "step": step, "state": state}
-        path = self._store.save(step, wrapped)
+        self.ledger.ensure_started(self)
+        wrapped = {"format": CHECKPOINT_FORMAT, "run_id": self.run_id, "config_digest": self.ledger.digest,
+                   "step": step, "state": state}
+        wrapped["phases"] = self._phases.to_dict()  # the auto timeout's history resumes with the run
+        with self.phase("checkpoint"):
+            path = self._store.save(step, wrapped)
         self.checkpoint_step = step
+        self.ledger.saved(self)
         self.logger.info("checkpoint saved", extra={"event": "checkpoint", "step": step, "path": str(path)})
         self._reporter.update_payload(checkpoint_step=step)
         return path
@@ -208,18 +238,20 @@ class Run:
     def load_checkpoint(self) -> dict[str, Any] | None:
         """The state of the newest valid checkpoint, or None on a fresh start. Adopts its run_id and step."""
         loaded = self._store.load_latest()
-        if loaded is None:
+        if not self.ledger.accept(self, loaded):  # none, or another run's: set aside, a new run starts
             return None
         wrapped = loaded.state
         self.run_id = str(wrapped.get("run_id", self.run_id))
         self.step = self._last_ckpt_step = int(wrapped.get("step", loaded.step))
         self.checkpoint_step = self.step
+        self._phases.load(wrapped.get("phases"))
         self._last_ckpt_time = self._clock()
         self.logger.info(
             "resumed from checkpoint",
             extra={"event": "resume", "step": self.step, "path": str(loaded.path)},
         )
-        self._reporter.update_payload(run_id=self.run_id, step=self.step, checkpoint_step=self.step)
+        self._reporter.update_payload(run_id=self.run_id, step=self.step, checkpoint_step=self.step,
+                                      **self._phases.payload())
         return wrapped.get("state")
 
     # -- used by the entry point ----------------------------------------
@@ -246,6 +278,7 @@ class Run:
     def _start_running(self, now: float) -> None:
         # The first completed step ends start-up: state=running, and READY=1 for systemd.
         self._running = True
+        self.ledger.ensure_started(self)
         # Rates count from the first step, not from the (slow) model and data set-up.
         self._acc_start = self._rate_start = self._last_metrics = now
         if self._last_ckpt_step == 0:
@@ -286,6 +319,7 @@ class Run:
 
     def _flush_metrics(self) -> None:
         if self._pending:
+            self.ledger.records(self._pending)
             self._reporter.metrics(self._pending)
             self._pending = []
 
@@ -311,5 +345,6 @@ class Run:
             payload["val_loss"] = self._last["val_loss"]
         if self._gpu_memory is not None:
             payload["gpu_memory_bytes"] = self._gpu_memory()
+        payload.update(self._phases.payload())
         self._reporter.progress(**payload)
         self._last_status = now

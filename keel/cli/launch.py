@@ -6,6 +6,7 @@
     bin/launch restart dev trainer
     bin/launch status dev [--json]
     bin/launch logs dev trainer [-f]
+    bin/launch incidents dev [--show ID]  # incident bundles (stacks before a restart); incident dev trainer: one now
 
 Every command acts through the stack's ControlBackend (keel.control.factory.backend_for on
 keel.json), so supervisord (standalone or include) and systemd share this code; what the stack
@@ -288,6 +289,9 @@ def build_parser() -> argparse.ArgumentParser:
     logs.add_argument("-n", "--lines", type=int, default=40)
     logs.add_argument("--raw", action="store_true", help="print JSON lines as they are")
     logs.set_defaults(func=cmd_logs)
+    from keel.stack.incidents import add_incident_commands  # incidents ENV [--show ID], incident ENV PROCESS
+
+    add_incident_commands(sub)
     return parser
 
 

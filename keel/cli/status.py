@@ -8,6 +8,7 @@ the same rules (keel.stack.view).
     bin/status dev --json     # for scripts and the Ansible health gate
     bin/status dev --watch    # refresh every 2 s
     bin/status dev --wait 60  # wait until healthy (or 60 s), then print
+    bin/status dev --runs     # the trainers' runs, newest first (--json too); exit 0
 
 Exit code: 0 when every process is healthy, 1 when one is not, 2 when the stack
 was never rendered or its backend cannot be reached.
@@ -47,6 +48,8 @@ def _why(v) -> str:
     parts = [] if v.health == "ok" else [v.reason]
     if v.last_action and v.health != "ok":
         parts.append(f"last action: {v.last_action} ({v.last_action_reason})")
+    if v.end_reason and (v.health != "ok" or v.pid is None):  # how its last run ended (docs/watchdog.md, "End states")
+        parts.append(f"last end: {v.end_reason}")
     if v.write_failures:
         parts.append(f"{v.write_failures} status write(s) failed, last: {v.last_write_error or '?'}")
     return "; ".join(p for p in parts if p)
@@ -85,11 +88,13 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--interval", type=float, default=2.0)
     parser.add_argument("--wait", type=float, default=0.0, metavar="SECONDS",
                         help="poll until every process is healthy or SECONDS pass (exit 0 or 1)")
+    parser.add_argument("--runs", action="store_true", help="list the trainers' runs (kept under <run_dir>/runs)")
     args = parser.parse_args(argv)
 
     from keel.control.factory import backend_for
     from keel.host.sampling import ResourceSampler
     from keel.stack.view import all_healthy, collect
+    from keel.stack.incidents import latest_incident, latest_line
     from keel.status.reader import StatusReader
 
     try:
@@ -97,6 +102,13 @@ def main(argv: list[str] | None = None) -> int:
     except ContractError as exc:  # not rendered, unreadable, or off the contract: names the file (and the key)
         print(f"status: {exc}", file=sys.stderr)
         return 2
+    if args.runs:
+        from keel.status.runs import list_runs, runs_root, runs_table
+
+        found = [s for n, p in stack.processes.items() if p.kind == "trainer"
+                 for s in list_runs(runs_root(stack.paths.run_dir, n))]
+        print(json.dumps([s.model_dump(mode="json") for s in found]) if args.json else runs_table(found), flush=True)
+        return 0
     backend = backend_for(stack, timeout=10.0)
     reader, sampler = StatusReader(stack.paths.run_dir), ResourceSampler()
     colour = sys.stdout.isatty() and not args.json
@@ -114,6 +126,7 @@ def main(argv: list[str] | None = None) -> int:
                     "healthy": healthy, "dashboard_url": stack.dashboard_url,
                     "watchdog_reporting": not_reporting(views) is None,
                     "processes": [v.to_json() for v in views],
+                    "latest_incident": (latest_incident(stack) or {}).get("path"),
                 }), flush=True)
             else:
                 if args.watch and colour:
@@ -123,6 +136,8 @@ def main(argv: list[str] | None = None) -> int:
                       + ("healthy" if healthy else "NOT healthy")
                       + (f" ({silent}; verdicts judged here, restarts unknown)" if silent else ""))
                 print(table(views, colour), flush=True)
+                if (incident := latest_line(stack)) is not None:  # keel.stack.incidents
+                    print(incident, flush=True)
             if not args.watch:
                 if views and all(v.state == "UNKNOWN" for v in views):
                     return 2  # the backend itself cannot be reached

@@ -14,50 +14,24 @@ from typing import Annotated, Any, Literal, Union
 
 from pydantic import (
     AfterValidator,
-    BaseModel,
     BeforeValidator,
-    ConfigDict,
     Field,
-    PlainSerializer,
     WithJsonSchema,
     field_validator,
     model_validator,
 )
 
-from keel.config.quantities import format_duration, format_size, parse_duration, parse_size
+from keel.config.quantities import format_duration, parse_size
+from keel.config.types import Duration, FieldProblem, Size, Strict
+from keel.config.incidents import IncidentSettings
+from keel.config.phases import AutoTimeout, DataStarvedSettings, GpuIdleSettings, ProgressTimeout
+from keel.config.endings import SameCrashSettings
+from keel.config.torchrun import TorchrunSettings
+from keel.config.runs import RunRetention
 
 NAME_PATTERN = r"^[a-z][a-z0-9_-]*$"
 KINDS = ("trainer", "dashboard", "watchdog", "command")
 RESERVED_ENV_REASON = "keel sets KEEL_PROCESS, KEEL_CONFIG and KEEL_CONFIG_DIGEST itself; choose another name"
-
-Duration = Annotated[
-    float,
-    BeforeValidator(parse_duration),
-    PlainSerializer(format_duration, return_type=str, when_used="json"),
-    WithJsonSchema(
-        {
-            "anyOf": [
-                {"type": "string", "pattern": r"^\s*(\d+(\.\d+)?(ms|s|m|h|d)\s*)+$"},
-                {"type": "number", "exclusiveMinimum": 0},
-            ],
-            "description": "A duration: 250ms, 90s, 5m, 1h30m, or seconds as a number.",
-        }
-    ),
-]
-Size = Annotated[
-    int,
-    BeforeValidator(parse_size),
-    PlainSerializer(format_size, return_type=str, when_used="json"),
-    WithJsonSchema(
-        {
-            "anyOf": [
-                {"type": "string", "pattern": r"^\s*\d+(\.\d+)?\s*([KMGT]i?B?|B)?\s*$"},
-                {"type": "integer", "exclusiveMinimum": 0},
-            ],
-            "description": "A size: 512MiB, 24GiB, 1.5GB, or bytes as a number.",
-        }
-    ),
-]
 
 
 def _env_value(value: Any) -> Any:
@@ -93,20 +67,6 @@ def _argv(value: Any) -> Any:
 
 
 Command = Annotated[list[str], BeforeValidator(_argv), Field(min_length=1)]
-
-
-class FieldProblem(ValueError):
-    """A check across fields of one section; `field` names the key the error is reported at."""
-
-    def __init__(self, field: str, message: str) -> None:
-        super().__init__(message)
-        self.field = field
-
-
-class Strict(BaseModel):
-    """Every section forbids unknown keys, so a typo is an error, not a silently ignored setting."""
-
-    model_config = ConfigDict(extra="forbid", frozen=True, populate_by_name=False)
 
 
 class Paths(Strict):
@@ -158,8 +118,11 @@ class Limits(Strict):
 class Health(Strict):
     heartbeat_interval: Duration = Field(2.0, description="How often the process's heartbeat thread rewrites its status.")
     heartbeat_timeout: Duration = Field(30.0, description="Heartbeat older than this: the process is frozen (SIGSTOP, swapped out, deadlocked interpreter).")
-    progress_timeout: Duration = Field(600.0, description="Progress older than this: the work loop is hung though the process still beats.")
+    progress_timeout: ProgressTimeout = Field(600.0, description="Progress older than this: the work loop is hung though the process still beats; `auto`: per trainer phase, from its observed durations (see `auto`).")
     startup_grace: Duration = Field(120.0, description="No verdict on progress or a missing status until the process has run this long.")
+    auto: AutoTimeout = Field(default_factory=AutoTimeout, description="How `progress_timeout: auto` sets each phase's threshold: max(floor, k x p99), at most the ceiling.")
+    data_starved: DataStarvedSettings = Field(default_factory=DataStarvedSettings, description="Warn (never restart) when a trainer mostly waits for data.")
+    gpu_idle: GpuIdleSettings = Field(default_factory=GpuIdleSettings, description="Warn (never restart) when a running trainer's GPUs sit idle.")
 
     @model_validator(mode="after")
     def _interval_below_timeout(self) -> Health:
@@ -264,12 +227,6 @@ class ProcessBase(Strict):
         return int(self.gpus.split(":", 1)[1]) if isinstance(self.gpus, str) else 0
 
 
-class TorchrunSettings(Strict):
-    nproc_per_node: int = Field(2, ge=1, le=64, description="Worker processes per node (one per GPU on GPU hosts).")
-    nnodes: int = Field(1, ge=1, description="Nodes; 1 uses --standalone rendezvous.")
-    backend: Literal["auto", "gloo", "nccl"] = Field("auto", description="auto: nccl on GPU, gloo on CPU.")
-
-
 class CheckpointSettings(Strict):
     every_seconds: Duration | None = Field(300.0, description="Checkpoint at least this often.")
     every_steps: int | None = Field(None, gt=0, description="Also checkpoint every N steps.")
@@ -299,6 +256,7 @@ class TrainerProcess(ProcessBase):
     report: ReportSettings = Field(default_factory=ReportSettings)
     on_nan: Literal["stop", "skip", "continue"] = Field("stop", description="What a NaN/inf loss does.")
     params: dict[str, Any] = Field(default_factory=dict, description="Free-form settings handed to your entry as run.config.")
+    runs: RunRetention = Field(default_factory=RunRetention, description="Past runs kept for the page and bin/status --runs (count and bytes).")
 
 
 class AuthSettings(Strict):
@@ -341,6 +299,8 @@ class WatchdogProcess(ProcessBase):
     stable_after: Duration = Field(600.0, description="A process healthy this long gets its restart budget back.")
     alert: AlertSettings = Field(default_factory=AlertSettings)
     prometheus_textfile: str | None = Field("keel.prom", description="Prometheus textfile (relative: in the run dir); none disables it.")
+    incidents: IncidentSettings = Field(default_factory=IncidentSettings, description="Incident bundles captured before a restart or give-up.")
+    same_crash: SameCrashSettings = Field(default_factory=SameCrashSettings, description="Give up early on a trainer that crashes with the same exception at the same step after every resume.")
 
 
 class CommandProcess(ProcessBase):

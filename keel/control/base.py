@@ -71,6 +71,7 @@ class ProcessInfo:
     started: float | None  # wall-clock epoch seconds, as the backend reports it
     exit_status: int | None
     description: str
+    exit_signal: str | None = None  # "SIGKILL": the signal that ended the last run, where the backend says (systemd)
 
 
 class ControlBackend(Protocol):

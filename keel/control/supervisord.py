@@ -160,6 +160,11 @@ class SupervisordBackend:
     def signal(self, name: str, sig: int) -> None:
         self._call("signalProcess", self._program(name), signal_name(sig), process=name)
 
+    def main_log_tail(self, size: int = 65536) -> str:
+        """The end of supervisord's own log: its "exited: ... (terminated by SIGKILL)" lines say how a run
+        ended, which getProcessInfo does not (exitstatus -1 for any signal). keel.watch.end_evidence reads it."""
+        return str(self._call("readLog", -size, 0))
+
     def _request_stop(self, name: str) -> bool:
         """Ask supervisord to stop ``name`` without waiting; False when it was not running."""
         try:

@@ -89,7 +89,7 @@ class SystemdBackend:
         """One ``systemctl show`` for all units; states mapped to supervisord's names."""
         if not self.units:
             return {}
-        props = "Id,ActiveState,SubState,MainPID,ExecMainStartTimestamp,ExecMainStatus,Description"
+        props = "Id,ActiveState,SubState,MainPID,ExecMainStartTimestamp,ExecMainStatus,ExecMainCode,Description"
         by_unit = {v: k for k, v in self.units.items()}
         result: dict[str, ProcessInfo] = {}
         for block in self._show(self.units.values(), props):
@@ -100,13 +100,15 @@ class SystemdBackend:
             state = "BACKOFF" if sub == "auto-restart" else _SYSTEMD_STATES.get(active, "UNKNOWN")
             pid = int(block.get("MainPID") or 0) or None
             status = block.get("ExecMainStatus")
+            killed = block.get("ExecMainCode") in ("2", "3") and bool(status) and status.isdigit()  # CLD_KILLED/DUMPED
             result[name] = ProcessInfo(
                 name=name,
                 state=state,
                 pid=pid,
                 started=None,  # ExecMainStartTimestamp is local-time text; pid start times come from psutil
-                exit_status=int(status) if status and status.isdigit() else None,
+                exit_status=int(status) if status and status.isdigit() and not killed else None,
                 description=f"{active}/{sub} {block.get('Description', '')}".strip(),
+                exit_signal=_signal_name(int(status)) if killed else None,
             )
         return result
 
@@ -175,3 +177,11 @@ def _show_blocks(text: str) -> Iterable[dict[str, str]]:
         block[key] = value
     if block:
         yield block
+
+
+def _signal_name(number: int) -> str:
+    """9 -> "SIGKILL" (ExecMainStatus holds the signal number when ExecMainCode says killed)."""
+    try:
+        return _signal.Signals(number).name
+    except ValueError:
+        return f"signal {number}"

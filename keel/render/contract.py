@@ -22,7 +22,7 @@ from typing import Any, Literal, TypeVar
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
 
 # 2: `user` per process, watchdog `prometheus_interval`/`jitter`, kind blocks only for their kind.
-FORMAT_VERSION = 2
+FORMAT_VERSION = 3  # 3: incidents, same_crash, phases, runs, multi-node torchrun
 
 Kind = Literal["trainer", "dashboard", "watchdog", "command"]
 KIND_BLOCKS = ("trainer", "dashboard", "watchdog", "command")  # one per kind, named like it
@@ -80,8 +80,18 @@ class ProcessPaths(Frozen):
 
 class Torchrun(Frozen):
     nproc_per_node: int
-    nnodes: int
+    nnodes: int | str  # N, or an elastic range "min:max"
     backend: Literal["auto", "gloo", "nccl"]
+    multi_node: bool
+    rdzv_backend: Literal["c10d"]
+    rdzv_endpoint: str | None
+    rdzv_id: str | None  # resolved: None on one node
+    node: str | None  # resolved: None on one node; names the ranks' status files
+    max_restarts: int
+    join_timeout: float
+    last_call_timeout: float
+    close_timeout: float
+    shared_checkpoints: bool
 
 
 class Checkpoint(Frozen):
@@ -93,6 +103,11 @@ class Checkpoint(Frozen):
 class Report(Frozen):
     status_interval: float
     metrics_interval: float
+
+
+class Runs(Frozen):
+    keep: int
+    max_bytes: int
 
 
 class TrainerBlock(Frozen):
@@ -110,6 +125,7 @@ class TrainerBlock(Frozen):
     torchrun: Torchrun
     checkpoint: Checkpoint
     report: Report
+    runs: Runs
 
 
 class Auth(Frozen):
@@ -137,6 +153,21 @@ class Alert(Frozen):
     timeout: float
 
 
+class Incidents(Frozen):
+    enabled: bool
+    capture_timeout: float
+    keep: int
+    log_lines: int
+    metrics_records: int
+    py_spy: str
+
+
+class SameCrash(Frozen):
+    enabled: bool
+    resumes: int
+    steps: int
+
+
 class WatchdogBlock(Frozen):
     poll_interval: float
     rss_consecutive_polls: int
@@ -146,6 +177,8 @@ class WatchdogBlock(Frozen):
     prometheus_interval: float
     jitter: Literal["full", "none"]
     stack: str  # keel.json
+    incidents: Incidents
+    same_crash: SameCrash
 
 
 class CommandBlock(Frozen):
@@ -160,7 +193,7 @@ class ProcessFile(Frozen):
     """
 
     generated: str
-    format_version: Literal[2]
+    format_version: Literal[3]
     project: str
     environment: str
     name: str
@@ -213,11 +246,32 @@ class Control(Frozen):
     target: str  # <project>.target
 
 
+class AutoTimeout(Frozen):
+    k: float
+    floor: float
+    ceiling: float
+    ceilings: dict[str, float]
+    min_samples: int
+
+
+class DataStarved(Frozen):
+    fraction: float
+    polls: int
+
+
+class GpuIdle(Frozen):
+    util_percent: float
+    polls: int
+
+
 class Health(Frozen):
     heartbeat_interval: float
     heartbeat_timeout: float
-    progress_timeout: float
+    progress_timeout: float | Literal["auto"]  # "auto": per phase, from health.auto (keel.watch.phases)
     startup_grace: float
+    auto: AutoTimeout
+    data_starved: DataStarved
+    gpu_idle: GpuIdle
 
 
 class Restart(Frozen):
@@ -256,7 +310,7 @@ class StackFile(Frozen):
     """`build/<env>/keel.json`: the whole stack, for the watchdog, the page and the bin tools."""
 
     generated: str
-    format_version: Literal[2]
+    format_version: Literal[3]
     project: str
     environment: str
     backend: Literal["supervisord", "systemd"]

@@ -11,12 +11,14 @@ sibling changed.
 from __future__ import annotations
 
 import os
+import socket
 from dataclasses import dataclass
 from pathlib import Path, PurePath
 from typing import Any
 
 from keel.config.model import KeelConfig, TrainerProcess
 from keel.render import contract
+from keel.render import torchrun as torchrun_render
 from keel.render.contract import FORMAT_VERSION
 
 # The watchdog's fixed tuning, stated here so its file carries every value it uses.
@@ -58,10 +60,15 @@ def python_path(config: KeelConfig, ctx: Context) -> str:
     return config.python or str(ctx.code_dir / ".venv" / "bin" / "python")
 
 
-def status_names(name: str, proc: Any) -> list[str]:
+def torchrun_settings(proc: TrainerProcess, config: KeelConfig, ctx: Context) -> dict[str, Any]:
+    """The trainer's resolved torchrun block (multi-node: rendezvous id and node name filled in)."""
+    return torchrun_render.resolve(proc.torchrun, project=config.project, env=ctx.env, release=ctx.code_dir.name, hostname=socket.gethostname())
+
+
+def status_names(name: str, proc: Any, config: KeelConfig, ctx: Context) -> list[str]:
     """The status files a process writes: one, or one per torchrun rank on this host."""
     if isinstance(proc, TrainerProcess) and proc.launcher == "torchrun" and proc.command is None:
-        return [f"{name}.rank{rank}" for rank in range(proc.torchrun.nproc_per_node)]
+        return torchrun_render.status_names(name, torchrun_settings(proc, config, ctx))
     return [name]
 
 
@@ -74,10 +81,7 @@ def process_command(name: str, proc: Any, config: KeelConfig, ctx: Context) -> l
     if proc.kind == "trainer":
         if proc.launcher == "torchrun":
             torchrun = str(PurePath(python).parent / "torchrun")
-            argv = [torchrun, "--nproc-per-node", str(proc.torchrun.nproc_per_node), "--nnodes", str(proc.torchrun.nnodes)]
-            if proc.torchrun.nnodes == 1:
-                argv.append("--standalone")
-            return argv + ["-m", "trainer", "--config", config_file]
+            return torchrun_render.command(torchrun, torchrun_settings(proc, config, ctx), config_file)
         return [python, "-m", "trainer", "--config", config_file]
     if proc.kind == "dashboard":
         return [python, "-m", "dashboard", "--config", config_file]
@@ -135,7 +139,7 @@ def _limits(proc: Any) -> contract.Limits:
     )
 
 
-def _trainer_block(proc: TrainerProcess) -> contract.TrainerBlock:
+def _trainer_block(proc: TrainerProcess, config: KeelConfig, ctx: Context) -> contract.TrainerBlock:
     return contract.TrainerBlock(
         entry=proc.entry,
         launcher=proc.launcher,
@@ -148,9 +152,10 @@ def _trainer_block(proc: TrainerProcess) -> contract.TrainerBlock:
         num_workers=proc.num_workers,
         on_nan=proc.on_nan,
         params=dict(proc.params),
-        torchrun=contract.Torchrun(**proc.torchrun.model_dump(mode="python")),
+        torchrun=contract.Torchrun(**torchrun_settings(proc, config, ctx)),
         checkpoint=contract.Checkpoint(**proc.checkpoint.model_dump(mode="python")),
         report=contract.Report(**proc.report.model_dump(mode="python")),
+        runs=contract.Runs(**proc.runs.model_dump(mode="python")),
     )
 
 
@@ -180,6 +185,8 @@ def _watchdog_block(proc: Any, ctx: Context, paths: dict[str, str]) -> contract.
         prometheus_interval=PROMETHEUS_INTERVAL,
         jitter=RESTART_JITTER,
         stack=str(ctx.build_dir / "keel.json"),
+        incidents=contract.Incidents(**proc.incidents.model_dump(mode="python")),
+        same_crash=contract.SameCrash(**proc.same_crash.model_dump(mode="python")),
     )
 
 
@@ -189,7 +196,7 @@ def process_file(name: str, config: KeelConfig, ctx: Context) -> contract.Proces
     paths = resolve_paths(config, ctx)
     blocks: dict[str, Any] = {}
     if proc.kind == "trainer":
-        blocks["trainer"] = _trainer_block(proc)
+        blocks["trainer"] = _trainer_block(proc, config, ctx)
     elif proc.kind == "dashboard":
         blocks["dashboard"] = _dashboard_block(proc, ctx)
     elif proc.kind == "watchdog":
@@ -242,7 +249,7 @@ def _stack_process(name: str, proc: Any, config: KeelConfig, ctx: Context, paths
         user=proc.user,
         command=process_command(name, proc, config, ctx),
         config_file=str(ctx.build_dir / f"{name}.json"),
-        status_names=status_names(name, proc),
+        status_names=status_names(name, proc, config, ctx),
         log_file=str(Path(paths["log_dir"]) / f"{name}.log"),
         gpus=_gpus(proc),
         limits=_limits(proc),

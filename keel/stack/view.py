@@ -43,6 +43,8 @@ class ProcessView:
     last_action: str | None = None
     last_action_reason: str | None = None
     last_action_at: str | None = None  # ISO 8601 UTC
+    end: str | None = None  # how its last run ended (keel.watch.endings), as the watchdog published it
+    end_reason: str | None = None
     step: int | None = None
     loss: float | None = None
     heartbeat_age_s: float | None = None
@@ -51,6 +53,7 @@ class ProcessView:
     status_error: str | None = None
     write_failures: int = 0  # failed status/metrics writes the process reports (summed over its status files)
     last_write_error: str | None = None
+    ranks: list[dict[str, Any]] = field(default_factory=list)  # torchrun: one row per status file of this node (rank_row)
 
     def to_json(self) -> dict[str, Any]:
         return asdict(self)
@@ -60,6 +63,7 @@ class ProcessView:
         self.restarts = h.restarts_total
         self.last_action, self.last_action_reason = h.last_action, h.last_action_reason
         self.last_action_at = h.last_action_at.isoformat().replace("+00:00", "Z") if h.last_action_at else None
+        self.end, self.end_reason = h.end, h.end_reason
 
 
 def _payload_value(status: ProcessStatus, key: str) -> Any:
@@ -67,6 +71,12 @@ def _payload_value(status: ProcessStatus, key: str) -> Any:
     if payload is None:
         return None
     return payload.get(key) if isinstance(payload, dict) else getattr(payload, key, None)
+
+
+def rank_row(status_name: str, status: ProcessStatus) -> dict[str, Any]:
+    """One torchrun rank as bin/status shows it: its file, global rank and world, its own state and step."""
+    keys = ("rank", "world_size", "step")
+    return {"name": status_name, "state": status.state.value, **{k: _payload_value(status, k) for k in keys}}
 
 
 def collect(
@@ -123,6 +133,8 @@ def collect(
                 view.gpus = list(status.gpus)
                 view.write_failures += status.write_failures
                 view.last_write_error = view.last_write_error or status.last_write_error
+                if status_name != name:
+                    view.ranks.append(rank_row(status_name, status))
                 if status_name == proc.status_names[0]:
                     view.step = _payload_value(status, "step")
                     view.loss = _payload_value(status, "loss")

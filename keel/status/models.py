@@ -71,6 +71,17 @@ class State(str, Enum):
 _CONFIG = ConfigDict(ser_json_inf_nan="strings", extra="ignore", validate_assignment=False)
 
 
+class PhaseStat(BaseModel):
+    """Durations of one trainer phase so far (trainer.phases): what the watchdog's ``auto`` timeout learns from."""
+
+    model_config = _CONFIG
+
+    count: int = 0
+    p50: float | None = None
+    p99: float | None = None
+    max: float | None = None
+
+
 class TrainingStatus(BaseModel):
     """Payload for kind "trainer" (one per rank under torchrun)."""
 
@@ -90,6 +101,12 @@ class TrainingStatus(BaseModel):
     checkpoint_step: int | None = None
     rank: int = 0
     world_size: int = 1
+    # Phases (trainer.phases): the current one, since when (time.monotonic(), like progress_mono), per-phase
+    # duration stats, and the share of step time spent waiting for data over the last steps.
+    phase: str | None = None
+    phase_mono: float | None = None
+    phases: dict[str, PhaseStat] = {}
+    data_wait_fraction: float | None = None
 
 
 class DashboardState(BaseModel):
@@ -115,6 +132,8 @@ class WatchedProcess(BaseModel):
     last_action: str | None = None  # the last event about it other than "observed": restart, gave_up, deferred, ...
     last_action_reason: str | None = None
     last_action_at: UtcDatetime | None = None
+    end: str | None = None  # how its last run ended: keel.watch.endings.End value (exited, crashed, oom_killed, ...)
+    end_reason: str | None = None  # the same end in words ("crashed at step 12: ValueError: boom (exit code 1)")
 
 
 class WatchdogStatus(BaseModel):

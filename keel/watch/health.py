@@ -25,12 +25,14 @@ as resolve wrote it, with no default here.
 from __future__ import annotations
 
 import math
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from enum import Enum
-from typing import Any
+from typing import Any, Mapping
 
 from keel.render.contract import Health, Limits, StackProcess
-from keel.status.models import ProcessStatus, State
+from keel.status.models import ProcessStatus, State, TrainingStatus
+from keel.watch.phases import stuck_phase
+from keel.watch.training_rules import verdict_texts
 from keel.host.sampling import ProcessSample, ResourceSample
 from keel.status.results import ReadError, Stale
 
@@ -93,6 +95,8 @@ class Context:
     # Why no status write can succeed now (keel.host.disk: run dir full or read-only), or None. Then a stale
     # heartbeat or progress is no evidence of a hang: the writer degrades and keeps working.
     status_channel_blocked: str | None = None
+    # data_starved/gpu_idle: consecutive previous polls each held (keel.watch.training_rules.PollCounters).
+    training_polls: Mapping[str, int] = field(default_factory=dict)
 
 
 class Identity(str, Enum):
@@ -217,6 +221,12 @@ def progress_rule(status: ProcessStatus, health: Health, now_mono: float, ctx: C
         return None
     if status.state in (State.STOPPING, State.STOPPED):
         return None
+    if timeout == "auto":  # per phase (keel.watch.phases); the longest ceiling stays the backstop on progress
+        payload = status.payload
+        stuck = stuck_phase(payload, health.auto, now_mono) if isinstance(payload, TrainingStatus) else None
+        if stuck is not None:
+            return HealthVerdict(Level.UNHEALTHY, stuck.reason, "progress_stale")
+        timeout = max([health.auto.ceiling, *health.auto.ceilings.values()])
     age = status.progress_age(now_mono)
     if age is None and status.kind != "trainer":
         return None  # a dashboard or plain command that never reports progress is judged by its heartbeat only
@@ -310,6 +320,9 @@ def evaluate(
         )
         if v is not None
     ]
+    # Warnings only (data_starved, gpu_idle): never a restart.
+    verdicts += [HealthVerdict(Level.DEGRADED, reason, rule)
+                 for rule, reason in verdict_texts(status, sample, health, ctx.training_polls)]
     if ctx.status_channel_blocked:
         verdicts = [_unjudgeable(v, ctx.status_channel_blocked) for v in verdicts]
     return verdicts or [HealthVerdict(Level.OK, "healthy", "ok")]

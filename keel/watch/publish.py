@@ -14,7 +14,7 @@ from typing import Any
 
 from keel.host.sampling import ResourceSample
 from keel.status.models import ProcessStatus, WatchedProcess
-from keel.watch.prom import GpuRow, ProcessRow, write_textfile
+from keel.watch.prom import GpuRow, ProcessRow, RankRow, write_textfile
 from keel.watch.state import Watched
 from keel.watch.verdicts import health_word
 
@@ -34,34 +34,47 @@ def process_entry(w: Watched) -> WatchedProcess:
         health=health, rule=rule, reason=reason, pid=w.pid, restarts_total=w.budget.restarts_total,
         last_action=last.action if last else None, last_action_reason=last.reason if last else None,
         last_action_at=datetime.fromtimestamp(last.wall, timezone.utc) if last else None,
+        end=w.end.reason if w.end else None, end_reason=w.end.summary if w.end else None,
     )
 
 
 def prom_rows(watched: dict[str, Watched], sample: ResourceSample | None, now: float) -> list[ProcessRow]:
-    """One metrics row per watched process, from the last poll."""
+    """One metrics row per watched process, from the last poll; in it one rank row per readable status file."""
     rows = []
     for name, w in watched.items():
         entry = process_entry(w)
-        status = next((s for s in w.statuses if isinstance(s, ProcessStatus)), None)
         tree = sample.processes.get(w.pid) if sample and w.pid else None
-        payload = status.payload if status else None
-        get = (payload.get if isinstance(payload, dict) else (lambda k: getattr(payload, k, None)))
+        statuses = [s for s in w.statuses if isinstance(s, ProcessStatus)]
         rows.append(ProcessRow(
             process=name,
             kind=w.config.kind,
             up=bool(tree and tree.alive),
-            state=status.state.value if status else "unknown",
             health=entry.health,
-            heartbeat_age=status.heartbeat_age(now) if status else None,
-            progress_age=status.progress_age(now) if status else None,
+            rule=entry.rule,
             restarts_total=entry.restarts_total,
             rss_bytes=tree.rss_bytes if tree else None,
             cpu_percent=tree.cpu_percent if tree else None,
             gpu_memory_bytes=tree.gpu_memory_bytes if tree else None,
-            step=_num(get("step")) if payload is not None else None,
-            loss=_num(get("loss")) if payload is not None else None,
+            ranks=tuple(_rank_row(s, now) for s in statuses) or (RankRow(),),
+            last_exit=entry.end,
         ))
     return rows
+
+
+def _rank_row(status: ProcessStatus, now: float) -> RankRow:
+    """One status file's series; ``rank`` (a label) only for a distributed trainer (world size > 1)."""
+    payload = status.payload
+    get = (payload.get if isinstance(payload, dict) else (lambda k: getattr(payload, k, None)))
+    world = _num(get("world_size")) if payload is not None else None
+    rank = _num(get("rank")) if payload is not None else None
+    return RankRow(
+        rank=str(int(rank)) if world is not None and world > 1 and rank is not None else "",
+        state=status.state.value,
+        heartbeat_age=status.heartbeat_age(now),
+        progress_age=status.progress_age(now),
+        step=_num(get("step")) if payload is not None else None,
+        loss=_num(get("loss")) if payload is not None else None,
+    )
 
 
 def write_prom_file(path: Path, rows: list[ProcessRow], sample: ResourceSample | None, wall: float) -> None:

@@ -6,10 +6,11 @@ keel.render.contract reads and checks the file; every value here comes from it
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 
-from keel.render.contract import ContractError, ProcessFile
+from keel.config.endings import SameCrashSettings
+from keel.render.contract import ContractError, Incidents, ProcessFile
 
 
 @dataclass(frozen=True)
@@ -30,6 +31,8 @@ class WatchdogSettings:
     jitter: str
     log_format: str
     log_level: str
+    same_crash: SameCrashSettings | object = field(default_factory=SameCrashSettings)  # keel.watch.crashes
+    incidents: Incidents | None = None  # keel.watch.recorder; None (a hand-built settings in a test): no capture
 
     @classmethod
     def from_process_file(cls, resolved: ProcessFile, where: str) -> WatchdogSettings:
@@ -52,4 +55,6 @@ class WatchdogSettings:
             jitter=w.jitter,
             log_format=resolved.log.format,
             log_level=resolved.log.level,
+            same_crash=w.same_crash,
+            incidents=w.incidents,
         )

@@ -20,6 +20,9 @@ from keel.render.contract import StackProcess
 from keel.status.results import ReadError
 from keel.status.models import ProcessStatus
 from keel.watch.budget import RestartBudget
+from keel.watch.crashes import CrashStreak
+from keel.watch.end_evidence import RunTrack
+from keel.watch.endings import EndState
 from keel.watch.health import HealthVerdict
 
 __all__ = ["STATE_FILE", "STATE_FORMAT", "LastAction", "Watched", "boot_id", "load_state", "state_data", "write_state"]
@@ -58,6 +61,9 @@ class Watched:
     verdict: HealthVerdict | None = None
     last_action: LastAction | None = None
     statuses: list[ProcessStatus | ReadError] = field(default_factory=list)
+    end: EndState | None = None  # how its last run ended (keel.watch.endings), published and persisted
+    crashes: CrashStreak = field(default_factory=CrashStreak)  # keel.watch.crashes, persisted
+    run: RunTrack = field(default_factory=RunTrack)  # keel.watch.end_evidence: OOM count, last RSS of the run
 
 
 def boot_id() -> str:
@@ -79,6 +85,8 @@ def state_data(watched: dict[str, Watched]) -> dict:
                 "gave_up_pid": w.gave_up_pid,
                 "incarnation": w.incarnation,
                 "running_since": w.running_since,
+                "end": w.end.to_dict() if w.end else None,
+                "crashes": w.crashes.to_list(),
             }
             for name, w in watched.items()
         },
@@ -108,6 +116,8 @@ def load_state(path: Path, watched: dict[str, Watched], rng: random.Random) -> s
             continue
         w.budget = RestartBudget.from_dict(saved.get("budget", {}), w.budget.settings, rng, times_valid=same_boot)
         w.gave_up_pid = saved.get("gave_up_pid")
+        w.end = EndState.from_dict(saved["end"]) if isinstance(saved.get("end"), dict) else None
+        w.crashes = CrashStreak.from_list(saved.get("crashes", []))
         if same_boot:
             w.incarnation = saved.get("incarnation")
             w.running_since = saved.get("running_since")

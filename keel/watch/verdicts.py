@@ -66,6 +66,8 @@ class ProcessHealth:
     last_action: str | None = None
     last_action_reason: str | None = None
     last_action_at: datetime | None = None
+    end: str | None = None  # how its last run ended (keel.watch.endings), as the watchdog published it
+    end_reason: str | None = None
 
     @property
     def by_watchdog(self) -> bool:
@@ -74,7 +76,8 @@ class ProcessHealth:
 
 def published_health(entry: WatchedProcess) -> ProcessHealth:
     return ProcessHealth(entry.health, entry.rule, entry.reason, BY_WATCHDOG, entry.restarts_total,
-                         entry.last_action, entry.last_action_reason, entry.last_action_at)
+                         entry.last_action, entry.last_action_reason, entry.last_action_at,
+                         end=entry.end, end_reason=entry.end_reason)
 
 
 def local_health(verdict: HealthVerdict, why: str) -> ProcessHealth:

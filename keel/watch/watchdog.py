@@ -28,7 +28,6 @@ from __future__ import annotations
 
 import logging
 import random
-import signal
 import time
 from datetime import datetime, timezone
 from typing import Any, Callable
@@ -36,8 +35,8 @@ from typing import Any, Callable
 from keel.watch.alerts import AlertHook, AlertResult
 from keel.watch.budget import BudgetSettings, Decision, RestartBudget
 from keel.control.base import ControlBackend, ControlError, ProcessInfo, retrying
-from keel.watch.health import Context, HealthVerdict, Identity, Level, identity
-from keel.status.models import ProcessStatus, State, WatchedProcess
+from keel.watch.health import Context, HealthVerdict, Level
+from keel.status.models import ProcessStatus, WatchedProcess
 from keel.watch.prom import ProcessRow
 from keel.watch.publish import process_entry, prom_rows, write_prom_file
 from keel.host.disk import status_channel_blocked
@@ -45,11 +44,14 @@ from keel.render.contract import StackFile, StackProcess
 from keel.host.sampling import ResourceSample, ResourceSampler
 from keel.status.jsonl import JsonlWriter
 from keel.status.reader import StatusReader
-from keel.status.snapshot import StatusWriter
 from keel.watch.settings import WatchdogSettings
 from keel.status.paths import EVENTS_FILE
 from keel.watch.state import STATE_FILE, LastAction, Watched, load_state, state_data, write_state
 from keel.watch.verdicts import judge
+from keel.watch.training_rules import PollCounters
+from keel.watch.end_evidence import run_ended, track
+from keel.watch.recorder import IncidentRecorder
+from keel.watch import actions
 
 __all__ = ["EVENTS_FILE", "STATE_FILE", "Watchdog", "WatchdogSettings"]
 
@@ -99,7 +101,9 @@ class Watchdog:
         self._prom_at: float | None = None
         self._prom_actions = 0
         self.watched: dict[str, Watched] = {}
+        self.training_polls = PollCounters()  # data_starved/gpu_idle: polls in a row (keel.watch.training_rules)
         self.set_stack(stack)
+        self.recorder = IncidentRecorder.for_watchdog(self)  # incident bundles before a restart/give-up
         self._load_state()
 
     def set_stack(self, stack: StackFile, backend: ControlBackend | None = None) -> None:
@@ -239,14 +243,18 @@ class Watchdog:
             w.own_restart = False
             w.backend_pid = backend_pid
         w.backend_restarts = [t for t in w.backend_restarts if now - t < window]
+        if current != w.incarnation and w.incarnation is not None and run_ended(self, w, info, now):
+            return  # keel.watch.end_evidence: the run's end classified; the same crash again made it give up
+        track(w.run, current, sample)
         if current != w.incarnation:  # a new run (or none): fresh grace, fresh counters
             w.incarnation, w.running_since = current, (now if current is not None else None)
             w.rss_over = w.gpu_over = 0
 
         ctx = Context(backend_state, backend_pid, w.running_since, w.rss_over, w.gpu_over,
                       self.settings.rss_consecutive_polls, len(w.backend_restarts), w.budget.settings.max_restarts,
-                      status_channel_blocked=self._blocked)
+                      status_channel_blocked=self._blocked, training_polls=self.training_polls.counts(w.name, current))
         v, verdicts = judge(w.statuses, sample, w.config, now, ctx)
+        self.training_polls.update(w.name, current, w.statuses, sample, w.config)
         w.verdict = v
         w.rss_over = w.rss_over + 1 if any(x.rule == "rss_over_limit" for x in verdicts) else 0
         w.gpu_over = w.gpu_over + 1 if any(x.rule == "gpu_memory_over_limit" for x in verdicts) else 0
@@ -292,6 +300,8 @@ class Watchdog:
                 self.emit(process=w.name, action="deferred", reason=f"backoff: {v.reason}", verdict=v,
                           attempt=d.attempt, next_allowed_in=d.next_allowed_in)
             return
+        if self.recorder.hold(w, v, sample, "give_up" if d.decision is Decision.GIVE_UP else "restart"):
+            return  # an incident is being captured: act on a later poll, when it is written or its deadline passed
         if d.decision is Decision.GIVE_UP:
             self._give_up(w, v, info, d.restarts_in_window, now)
             return
@@ -299,69 +309,11 @@ class Watchdog:
 
     def _restart(self, w: Watched, v: HealthVerdict, info: ProcessInfo | None, sample: ResourceSample,
                  attempt: int, now: float) -> None:
-        fatal = info is not None and info.state == "FATAL"
-        action = "start" if fatal else "restart"
-        if v.rule == "heartbeat_stale" and info is not None and info.pid:
-            self._continue_first(w, info.pid, sample)
-        error = None
-        try:
-            self._control(lambda: (self.backend.start if fatal else self.backend.restart)(w.name))
-        except ControlError as exc:
-            error = str(exc)
-        delay = w.budget.record_restart(now)  # a failed attempt counts too: never hammer a broken backend
-        w.own_restart = True
-        self.actions_taken += 1
-        w.incarnation = w.running_since = None
-        w.rss_over = w.gpu_over = 0
-        w.deferred_attempt = None
-        w.last_key = None  # report the next verdict, whatever it is
-        self.emit(process=w.name, action=action if error is None else f"{action}_failed",
-                  reason=v.reason if error is None else f"{v.reason}; control error: {error}",
-                  verdict=v, attempt=attempt, next_allowed_in=delay, pid=info.pid if info else None)
+        actions.restart(self, w, v, info, sample, attempt, now)
 
-    def _continue_first(self, w: Watched, pid: int, sample: ResourceSample) -> None:
-        """A SIGSTOPped process cannot handle SIGTERM: SIGCONT it first so it can stop cleanly.
-
-        Only when the backend's pid is the pid that wrote the status, with the same
-        start time, so a reused pid is never signalled.
-        """
-        own = [s for s in w.statuses if isinstance(s, ProcessStatus) and s.pid == pid]
-        if not own or identity(own[0], sample) is not Identity.CURRENT:
-            return
-        try:
-            self._control(lambda: self.backend.signal(w.name, signal.SIGCONT))
-            self.emit(process=w.name, action="signal", reason="SIGCONT before restart (frozen process)", pid=pid)
-        except ControlError as exc:
-            self.emit(process=w.name, action="signal_failed", reason=str(exc), pid=pid)
-
-    def _give_up(self, w: Watched, v: HealthVerdict, info: ProcessInfo | None, restarts: int, now: float) -> None:
-        error = None
-        try:
-            self._control(lambda: self.backend.stop(w.name))
-        except ControlError as exc:
-            error = str(exc)
-        w.budget.record_give_up()
-        w.gave_up_pid = info.pid if info is not None else None
-        self.actions_taken += 1
-        self._mark_failed(w, v)
-        reason = (f"{restarts} restarts within {w.budget.settings.window:g}s (max {w.budget.settings.max_restarts}): "
-                  f"stopped and marked failed; last verdict: {v.reason}")
-        if error:
-            reason += f"; stop failed: {error}"
-        event = self.emit(process=w.name, action="gave_up", reason=reason, verdict=v, attempt=restarts + 1,
-                          next_allowed_in=None, alert=True)
-        self.alerts.send(event)
-
-    def _mark_failed(self, w: Watched, v: HealthVerdict) -> None:
-        """Best effort: the process's own status says failed (the dashboard shows it). Missing status: nothing to mark."""
-        for name in w.config.status_names:
-            writer = StatusWriter(self.settings.run_dir, name, lock_timeout=1.0)
-            try:
-                writer.update(state=State.FAILED, last_error=f"watchdog gave up: {v.reason}")
-            except (OSError, ValueError):
-                pass
-            finally:
-                writer.close()
+    def _give_up(self, w: Watched, v: HealthVerdict, info: ProcessInfo | None, restarts: int, now: float,
+                 why: str | None = None) -> None:
+        actions.give_up(self, w, v, info, restarts, now, why)
 
     # -- reporting
 

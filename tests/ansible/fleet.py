@@ -83,6 +83,8 @@ class Fleet:
     source: Path
     hosts: list[Host]
     group_vars: dict = field(default_factory=dict)  # added to (or replacing) the defaults below
+    # multi-node jobs: {"<name>": {"hosts": ["node1", ...], "vars": {...}}} -> groups keel_job_<name> under keel_jobs
+    jobs: dict = field(default_factory=dict)
     inventory: Path = field(init=False)
 
     def __post_init__(self) -> None:
@@ -125,7 +127,12 @@ class Fleet:
             },
         }
         group_vars.update(self.group_vars)
-        (self.inventory / "hosts.yml").write_text(yaml.safe_dump({"keel": {"hosts": hosts, "vars": group_vars}}))
+        keel = {"hosts": hosts, "vars": group_vars}
+        if self.jobs:
+            keel["children"] = {"keel_jobs": {"children": {
+                f"keel_job_{name}": {"hosts": {h: {} for h in job["hosts"]}, "vars": {"keel_job_name": name, **job.get("vars", {})}}
+                for name, job in self.jobs.items()}}}
+        (self.inventory / "hosts.yml").write_text(yaml.safe_dump({"keel": keel}))
         (self.inventory / "group_vars" / "all" / "rollout.yml").write_text(
             yaml.safe_dump({"keel_serial": 1, "keel_max_fail_percentage": 0}))
 
@@ -168,11 +175,11 @@ def stack_processes(root: Path) -> list[psutil.Process]:
     return found
 
 
-def make_fleet(root: Path, source: Path, count: int = 3, **group_vars) -> Fleet:
+def make_fleet(root: Path, source: Path, count: int = 3, jobs: dict | None = None, **group_vars) -> Fleet:
     (root / "sockets").mkdir(parents=True, exist_ok=True)
     hosts = [Host(name=f"node{i}", prefix=root / f"node{i}", port=free_port(), socket=root / "sockets" / f"node{i}.sock")
              for i in range(1, count + 1)]
-    return Fleet(root=root, source=source, hosts=hosts, group_vars=group_vars)
+    return Fleet(root=root, source=source, hosts=hosts, group_vars=group_vars, jobs=jobs or {})
 
 
 def recap(output: str) -> dict[str, dict[str, int]]:

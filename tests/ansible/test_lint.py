@@ -11,7 +11,7 @@ from tests.ansible.fleet import ANSIBLE_DIR, VENV_BIN, ansible_env
 pytestmark = [pytest.mark.ansible]
 
 INVENTORIES = sorted(p.name for p in (ANSIBLE_DIR / "inventories").iterdir() if p.is_dir())
-PLAYBOOKS = ["site.yml", "rollback.yml"]
+PLAYBOOKS = ["site.yml", "rollback.yml", "multinode_rollback.yml"]
 
 
 def test_there_are_three_inventories():

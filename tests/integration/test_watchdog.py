@@ -18,6 +18,7 @@ from pathlib import Path
 
 import psutil
 import pytest
+from prometheus_client.parser import text_string_to_metric_families
 
 from keel.status.models import ProcessStatus, State
 from keel.host.dirs import prepare_process_dirs
@@ -195,9 +196,11 @@ def test_a_crash_loop_backs_off_then_fails_with_an_alert_and_is_not_restarted_ag
         n = len(s.events("w1", "start"))
         time.sleep(3 * POLL)
         assert len(s.events("w1", "start")) == n and s.info("w1")["statename"] in ("FATAL", "STOPPED")
-        prom = (s.run_dir / "keel.prom").read_text()
-        assert 'keel_process_health{kind="command",process="w1"} 4.0' in prom
-        assert 'keel_process_restarts_total{kind="command",process="w1"} 2.0' in prom
+        prom = {(m.name, m.labels["process"], m.labels["kind"], m.labels["rank"]): m.value
+                for f in text_string_to_metric_families((s.run_dir / "keel.prom").read_text())
+                for m in f.samples if "process" in m.labels}
+        assert prom[("keel_process_health", "w1", "command", "")] == 4.0
+        assert prom[("keel_process_restarts_total", "w1", "command", "")] == 2.0
     finally:
         shutil.rmtree(alerts.parent, ignore_errors=True)
 

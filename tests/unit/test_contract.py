@@ -118,7 +118,7 @@ def _edit(path: Path, change) -> Path:
 @pytest.mark.parametrize(
     ("file", "change", "key", "reason"),
     [
-        ("trainer.json", lambda d: d.update(format_version=1), "format_version", "unknown format_version 1; this keel reads 2"),
+        ("trainer.json", lambda d: d.update(format_version=1), "format_version", "unknown format_version 1; this keel reads 3"),
         ("trainer.json", lambda d: d.pop("format_version"), "format_version", "missing"),
         ("trainer.json", lambda d: d["trainer"]["checkpoint"].pop("every_seconds"), "trainer.checkpoint.every_seconds", "missing"),
         ("trainer.json", lambda d: d.update(stop_timeout="30"), "stop_timeout", "Input should be a valid number, got '30'"),
@@ -126,7 +126,7 @@ def _edit(path: Path, change) -> Path:
         ("trainer.json", lambda d: d["trainer"].update(every_seconds=10), "trainer.every_seconds", "unknown key"),
         ("trainer.json", lambda d: d.update(dashboard=None), "", "a dashboard block in a trainer file"),
         ("dashboard.json", lambda d: d["dashboard"].update(allow_origins=["a:1"]), "dashboard.allow_origins", "unknown key"),
-        ("keel.json", lambda d: d.update(format_version=3), "format_version", "unknown format_version 3"),
+        ("keel.json", lambda d: d.update(format_version=4), "format_version", "unknown format_version 4"),
         ("keel.json", lambda d: d["processes"]["trainer"].pop("program"), "processes.trainer.program", "missing"),
         ("keel.json", lambda d: d["processes"]["watchdog"].update(port="x"), "processes.watchdog.port", "Input should be a valid integer"),
         ("keel.json", lambda d: d["control"].update(backend="docker"), "control.backend", "Input should be 'supervisord' or 'systemd'"),

@@ -23,6 +23,7 @@ from keel.status.jsonl import JsonlWriter
 
 from dashboard.collector import Collector, RunDirReader
 from dashboard.config import load_config
+from dashboard.training_plots import N_OUT
 from dashboard.page import make_doc
 from tests.resolved import resolve_stack
 from tests.support import wait_until
@@ -107,7 +108,9 @@ def test_make_doc_on_a_bare_document_shows_everything(run_dir):
     c.runner.close()
 
 
-def test_sessions_get_only_new_points_by_stream_and_table_cells_by_patch(run_dir):
+def test_a_session_gets_each_change_once_and_nothing_when_nothing_changed(run_dir):
+    # Lines are redrawn whole (a restart can turn earlier points into lost work), at most
+    # N_OUT points each; table cells still go by patch. Nothing new: nothing is sent.
     cfg, rep = run_dir
     c = Collector(cfg)
     cycle(c)
@@ -120,10 +123,8 @@ def test_sessions_get_only_new_points_by_stream_and_table_cells_by_patch(run_dir
     cycle(c)
     view.update()
     src = doc.get_model_by_name("metrics:trainer")
-    streamed = [e for e in events if isinstance(e, ColumnsStreamedEvent) and e.model is src]
-    assert len(streamed) == 1 and streamed[0].data["step"] == [31.0, 32.0, 33.0, 34.0, 35.0]
-    assert not [e for e in events if isinstance(e, ColumnDataChangedEvent) and e.model is src]
-    assert len(src.data["step"]) == 35
+    changed = [e for e in events if isinstance(e, ColumnDataChangedEvent) and e.model is src]
+    assert len(changed) == 1 and src.data["step"] == [float(i) for i in range(1, 36)]
     assert any(isinstance(e, ColumnsPatchedEvent) and e.model is view.table_source for e in events)
     # nothing new: nothing sent
     events.clear()
@@ -136,23 +137,23 @@ def test_sessions_get_only_new_points_by_stream_and_table_cells_by_patch(run_dir
     c.runner.close()
 
 
-def test_rollover_bounds_a_session_and_new_sessions_get_the_downsampled_history(tmp_path):
-    cfg = make_cfg(tmp_path, history_points=20)
+def test_a_long_run_is_drawn_with_at_most_n_out_points_and_keeps_its_spike(tmp_path):
+    cfg = make_cfg(tmp_path)
     rep = ProcessReporter(cfg.run_dir, "trainer", "trainer", heartbeat_interval=60)
     rep.start({"run_id": "unit"})
     c = Collector(cfg)
-    cycle(c)
     doc = Document()
     view = make_doc(doc, c)
-    for chunk in range(5):
-        rep.metrics([{"step": chunk * 10 + i, "loss": 1.0} for i in range(10)])
-        cycle(c)
-        view.update()
-    assert len(doc.get_model_by_name("metrics:trainer").data["step"]) == 20  # rollover
+    n = 3 * N_OUT
+    rep.metrics([{"step": i, "loss": 100.0 if i == 4321 else 1.0} for i in range(n)])
+    cycle(c)
+    view.update()
+    src = doc.get_model_by_name("metrics:trainer")
+    assert len(src.data["step"]) <= N_OUT and max(src.data["y"]) == 100.0
     fresh = Document()
-    make_doc(fresh, c)
+    make_doc(fresh, c)  # a new session gets the same drawn history at once
     steps = fresh.get_model_by_name("metrics:trainer").data["step"]
-    assert len(steps) <= 20 and steps[-1] == 49.0 and steps[0] < 30
+    assert len(steps) <= N_OUT and steps[0] == 0.0 and steps[-1] == n - 1
     rep.close()
     c.runner.close()
 
@@ -289,8 +290,9 @@ def test_the_browser_sends_nothing_back_and_new_data_is_pushed_after_each_cycle(
     cycle(c)
     doc = Document()
     view = make_doc(doc, c)
-    # auto-ranging plots would otherwise send their new bounds for every streamed point
-    assert all(not m.syncable for m in doc.models)
+    # auto-ranging plots would otherwise send their new bounds for every streamed point; the runs panel's
+    # selection and baseline choice are the only models the browser may send back (on purpose)
+    assert all(not m.syncable for m in doc.models if m not in view.runs.synced)
     late = ProcessReporter(cfg.run_dir, "late", "trainer", heartbeat_interval=60)
     late.start({"run_id": "unit"})
     late.metrics([{"step": 1, "loss": 1.0}])
@@ -299,7 +301,7 @@ def test_the_browser_sends_nothing_back_and_new_data_is_pushed_after_each_cycle(
     assert doc.get_model_by_name("metrics:late") is not None
     # lines added later are not synced either (their views and selections are Bokeh's defaults)
     defaults = {"CDSView", "AllIndices", "Selection", "UnionRenderers"}
-    assert not [m for m in doc.models if m.syncable and type(m).__name__ not in defaults]
+    assert not [m for m in doc.models if m.syncable and type(m).__name__ not in defaults and m not in view.runs.synced]
     late.close()
     calls = []
     c.subscribe(lambda: 1 / 0)  # a broken listener does not stop the others

@@ -352,7 +352,8 @@ def test_prometheus_textfile(env):
     assert samples[("keel_process_restarts_total", "w1", None)] == 1.0
     assert samples[("keel_training_step", "w1", None)] == 7.0
     assert samples[("keel_gpu_metrics_available", None, None)] == 0.0
-    assert samples[("keel_process_rss_bytes", "w1", None)] > 0
+    assert samples[("keel_process_resident_memory_bytes", "w1", None)] > 0
+    assert samples[("keel_process_verdict", "w1", None)] == 1.0
     assert not list(env.run_dir.glob("keel.prom.*"))  # no temp file left
 
 

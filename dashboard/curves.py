@@ -1,0 +1,128 @@
+"""What a training curve is, from a stream's metric rows (pure numpy, no Bokeh).
+
+A metrics file interleaves records that carry different metrics (a validation
+record has only ``val_loss``), so each metric is its own series: x only where
+that metric has a value, and the line is continuous. Restarts split the rows
+into incarnations: an incarnation starts where the step goes back. After a
+resume at step S, what the dead incarnation did beyond S is lost work: kept
+apart (drawn faint), never part of the live line, which therefore never folds
+back in x. Where the trainer was down, the live line gets one NaN point (a gap).
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+
+import numpy as np
+
+from dashboard.downsample import envelope, select
+
+
+def incarnation_starts(step: np.ndarray) -> np.ndarray:
+    """Row indices where a new incarnation begins (0 first): the step went below the one before it."""
+    s = np.asarray(step, dtype=np.float64)
+    ok = np.flatnonzero(np.isfinite(s))
+    if not len(ok):
+        return np.array([0], dtype=np.int64)
+    back = ok[1:][s[ok[1:]] < s[ok[:-1]]]
+    return np.concatenate([[0], back]).astype(np.int64)
+
+
+def lost_mask(step: np.ndarray, starts: np.ndarray) -> np.ndarray:
+    """True for rows of a dead incarnation that a later one redid (step at or beyond a later resume step)."""
+    s = np.asarray(step, dtype=np.float64)
+    lost = np.zeros(len(s), dtype=bool)
+    cut = math.inf
+    bounds = list(starts) + [len(s)]
+    for j in range(len(starts) - 1, -1, -1):
+        a, b = bounds[j], bounds[j + 1]
+        if cut < math.inf:
+            lost[a:b] = s[a:b] >= cut
+        seg = s[a:b]
+        fin = seg[np.isfinite(seg)]
+        if len(fin):
+            cut = min(cut, float(fin[0]))
+    return lost
+
+
+@dataclass(frozen=True)
+class Series:
+    """One metric's points as drawn: x, its step and wall time, value, and the band it stands for."""
+
+    step: np.ndarray
+    t: np.ndarray
+    y: np.ndarray
+    lo: np.ndarray
+    hi: np.ndarray
+
+    def __len__(self) -> int:
+        return len(self.y)
+
+    def columns(self, t0: float | None = None) -> dict[str, list[float]]:
+        """Source columns: x (step, the default x), step, t (wall time in ms since the epoch, as Bokeh's
+        datetime axes and formatters take it), rel (seconds since ``t0``, the run's first wall time), y, band."""
+        t0 = t0 if t0 is not None and math.isfinite(t0) else (float(np.nanmin(self.t)) if np.isfinite(self.t).any()
+                                                              else 0.0)
+        return {"x": self.step.tolist(), "step": self.step.tolist(), "t": (self.t * 1000.0).tolist(),
+                "rel": (self.t - t0).tolist(), "y": self.y.tolist(), "lo": self.lo.tolist(), "hi": self.hi.tolist()}
+
+
+def _empty() -> Series:
+    e = np.empty(0)
+    return Series(e, e, e, e, e)
+
+
+def split(rows: dict[str, np.ndarray], metric: str) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """Row indices of ``metric``'s live points, of its lost-work points, and of the live line's gap rows.
+
+    A gap row is the first live point of each later incarnation: the line breaks just before it."""
+    step = rows["step"]
+    y = rows[metric]
+    starts = incarnation_starts(step)
+    lost = lost_mask(step, starts)
+    has = np.isfinite(y) & np.isfinite(step)
+    live = np.flatnonzero(has & ~lost)
+    gone = np.flatnonzero(has & lost)
+    inc = np.searchsorted(starts, live, side="right")  # incarnation number of each live point
+    gaps = live[1:][inc[1:] != inc[:-1]] if len(live) > 1 else live[:0]
+    return live, gone, gaps
+
+
+def draw(rows: dict[str, np.ndarray], idx: np.ndarray, metric: str, n_out: int,
+         gaps: np.ndarray | None = None, x_range: tuple[float, float] | None = None) -> Series:
+    """The rows ``idx`` of ``metric`` (step order), limited to ``x_range`` of step, downsampled to about
+    ``n_out`` points with MinMaxLTTB, each point with the min/max of what it stands for; a NaN point
+    before each gap row (a break in the line)."""
+    if not len(idx):
+        return _empty()
+    step = rows["step"][idx]
+    if x_range is not None:
+        keep = (step >= x_range[0]) & (step <= x_range[1])
+        # one point either side, so the line reaches the edges of the view
+        where = np.flatnonzero(keep)
+        if len(where):
+            a, b = max(0, where[0] - 1), min(len(idx), where[-1] + 2)
+            idx, step = idx[a:b], step[a:b]
+    y = rows[metric][idx]
+    t = rows["t"][idx] if "t" in rows else np.full(len(idx), math.nan)
+    pick = select(step, y, n_out)
+    lo, hi = envelope(y, pick)
+    out_idx = idx[pick]
+    s, tt, yy = step[pick], t[pick], y[pick]
+    if gaps is not None and len(gaps):
+        at = np.flatnonzero(np.isin(out_idx, gaps))
+        if len(at):
+            s = np.insert(s, at, s[at])
+            tt = np.insert(tt, at, math.nan)
+            yy = np.insert(yy, at, math.nan)
+            lo = np.insert(lo, at, math.nan)
+            hi = np.insert(hi, at, math.nan)
+    return Series(s, tt, yy, lo, hi)
+
+
+def is_gap_start(rows: dict[str, np.ndarray], prev_step: float | None) -> bool:
+    """Whether new rows begin a new incarnation relative to the last step already drawn."""
+    step = rows["step"]
+    fin = step[np.isfinite(step)]
+    return prev_step is not None and len(fin) > 0 and (float(fin[0]) < prev_step or bool(np.any(np.diff(fin) < 0)))

@@ -1,0 +1,224 @@
+"""The training figures of one browser session: per-metric continuous lines, lost work faint,
+restarts marked, a debiased time-weighted EMA over the faint raw line (computed in the browser:
+the slider needs no server round trip), a log/linear y toggle per plot, a min/max band where a
+point stands for many, and past runs overlaid (``overlay``). Data comes from the collector's
+full-resolution History; what is drawn is downsampled with MinMaxLTTB (dashboard.curves)."""
+
+from __future__ import annotations
+
+import math
+from typing import Any
+
+import numpy as np
+from bokeh.layouts import column, row
+from bokeh.models import (
+    ColumnDataSource, CustomJS, CustomJSHover, CustomJSTransform, HoverTool, Line, Scatter, Slider, Toggle, VArea,
+)
+from bokeh.palettes import Category10_10
+from bokeh.plotting import figure
+from bokeh.transform import transform
+
+from dashboard import curve_events, curves
+from dashboard.smoothing import SMOOTH_JS
+
+# metric -> (title, figure key); val_loss shares the loss plot
+METRICS = (("loss", "loss"), ("val_loss", "loss"), ("samples_per_s", "throughput"), ("lr", "lr"))
+FIGURES = (("loss", "loss and validation loss (dots)"), ("throughput", "throughput (samples/s)"),
+           ("lr", "learning rate"))
+N_OUT = 2000  # points drawn per line: MinMaxLTTB keeps every spike of any length in these
+_TOOLTIPS = [("run", "@run"), ("step", "@step{0,0}"), ("wall time", "@t{%F %T}"), ("value", "@y{raw}"),
+             ("smoothed", "@y{smoothed}"), ("band", "@lo{0.0000g} to @hi{0.0000g}")]
+# "@y{smoothed}" reads what the smoothed line drew at the hovered index (SMOOTH_JS stashes it by source name)
+_VALUE_JS = """
+const num = (v) => (v === null || v === undefined || !isFinite(v)) ? '-' : Number(v).toPrecision(5);
+if (format !== 'smoothed') return num(value);
+const s = (window.keel_smoothed || {})[source.name];
+return s ? num(s[special_vars.index]) : '-';"""
+
+
+_MARK_COLORS = {"resume": "red", "restart": "red", "gave_up": "black", "warning": "orange",
+                "checkpoint": "green", "trainer": "purple"}
+
+
+def _source_name(stream: str, metric: str) -> str:
+    # "metrics:<stream>" is the loss line (the page's first curve; tests and tools read it by this name)
+    return f"metrics:{stream}" if metric == "loss" else f"metrics:{stream}:{metric}"
+
+
+def _empty() -> dict[str, list]:
+    return {"x": [], "step": [], "t": [], "rel": [], "y": [], "lo": [], "hi": [], "run": []}
+
+
+class TrainingPlots:
+    """Figures, their sources and reading tools for one session; ``update`` feeds them."""
+
+    def __init__(self) -> None:
+        self.smoothing = Slider(start=0, end=0.99, step=0.01, value=0.6, title="smoothing (debiased EMA)",
+                                name="smoothing", width=260)
+        self.figs: dict[str, Any] = {}
+        self.log_figs: dict[str, Any] = {}
+        toggles = []
+        for key, title in FIGURES:
+            lin = self._fig(title, key, "linear")
+            log_ = self._fig(title + " (log y)", key, "log")
+            log_.visible = False
+            self.figs[key], self.log_figs[key] = lin, log_
+            tog = Toggle(label=f"log y: {key}", name=f"log_toggle:{key}", width=120, active=False)
+            tog.js_on_change("active", CustomJS(args={"lin": lin, "log": log_},
+                                                code="lin.visible = !cb_obj.active; log.visible = cb_obj.active;"))
+            toggles.append(tog)
+        self.smoothed_transforms: list[CustomJSTransform] = []
+        self.sources: dict[str, ColumnDataSource] = {}
+        self.lost_sources: dict[str, ColumnDataSource] = {}
+        # one marker source per figure: each marker sits on that figure's own line (its y scale)
+        self.events = {k: ColumnDataSource({"x": [], "y": [], "what": [], "kind": [], "color": []},
+                                           name="training_events" if k == "loss" else f"training_events:{k}")
+                       for k, _ in FIGURES}
+        self.sent: dict[str, tuple[int, float | None]] = {}  # stream -> (last serial drawn, last live step)
+        self._marks: dict[str, list[curve_events.Marker]] = {}  # stream -> its markers, as last drawn
+        self._events_seen: tuple[int, int] = (0, 0)  # (count, id of the newest) of the event records drawn
+        self._records: list[dict] = []
+        self._processes: dict[str, tuple[str, ...]] = {}
+        self.overlays: dict[str, list[tuple[Any, Any]]] = {}
+        for key in self.figs:
+            for f in (self.figs[key], self.log_figs[key]):
+                r = f.add_glyph(self.events[key], Scatter(x="x", y="y", marker="inverted_triangle", size=11,
+                                                          fill_color="color", line_color="black"))
+                f.add_tools(HoverTool(renderers=[r], tooltips=[("event", "@what"), ("step", "@x{0,0}")]))
+        self.smoothing.js_on_change("value", CustomJS(args={"ts": self.smoothed_transforms}, code="""
+            for (const t of ts) t.change.emit();
+            for (const d of Bokeh.documents) for (const m of d.all_models)
+              if (m.type === 'ColumnDataSource' || (m.constructor && m.constructor.__name__ === 'ColumnDataSource'))
+                if (m.name && m.name.startsWith('metrics:')) m.change.emit();"""))
+        self.layout = column(row(self.smoothing, *toggles, sizing_mode="stretch_width"),
+                             row(*[column(self.figs[k], self.log_figs[k], sizing_mode="stretch_width")
+                                   for k, _ in FIGURES], sizing_mode="stretch_width"),
+                             sizing_mode="stretch_width")
+
+    @staticmethod
+    def _fig(title: str, key: str, y_axis_type: str) -> Any:
+        f = figure(title=title, height=230, sizing_mode="stretch_width", y_axis_type=y_axis_type,
+                   tools="pan,wheel_zoom,box_zoom,reset,save", name=f"{key}_plot" if y_axis_type == "linear"
+                   else f"{key}_plot_log")
+        f.xaxis.axis_label = "step"
+        f.toolbar.logo = None
+        return f
+
+    # -------------------------------------------------------------- lines
+
+    def _add_metric(self, stream: str, metric: str, color: str) -> None:
+        key = dict(METRICS)[metric]
+        src = self.sources[f"{stream}/{metric}"] = ColumnDataSource(_empty(), name=_source_name(stream, metric))
+        lost = self.lost_sources[f"{stream}/{metric}"] = ColumnDataSource(
+            _empty(), name=_source_name(stream, metric) + ":lost")
+        smooth = CustomJSTransform(args={"slider": self.smoothing, "source": src}, v_func=SMOOTH_JS)
+        self.smoothed_transforms.append(smooth)
+        for f in (self.figs[key], self.log_figs[key]):
+            if metric == "val_loss":
+                raw = f.add_glyph(src, Scatter(x="x", y="y", size=6, fill_color=color, line_color=color))
+            else:
+                f.add_glyph(src, VArea(x="x", y1="lo", y2="hi", fill_color=color, fill_alpha=0.12))
+                raw = f.add_glyph(src, Line(x="x", y="y", line_color=color, line_alpha=0.3, line_width=1))
+                f.add_glyph(src, Line(x="x", y=transform("y", smooth), line_color=color, line_width=2),
+                            name=f"smoothed:{_source_name(stream, metric)}")
+            f.add_glyph(lost, Line(x="x", y="y", line_color="grey", line_alpha=0.35, line_dash="dotted"))
+            f.add_tools(HoverTool(renderers=[raw], tooltips=_TOOLTIPS, formatters={
+                "@t": "datetime", "@y": CustomJSHover(args={"source": src}, code=_VALUE_JS)}))
+
+    def update(self, metrics: dict[str, Any], streams: list[str], events: Any = (),
+               processes: dict[str, tuple[str, ...]] | None = None) -> bool:
+        """Redraw the streams whose History changed, or all when new ``events`` came (the collector's
+        raw ``event_records``; ``processes``: stream -> the programs writing it, whose watchdog events
+        go on its curves); True when something was sent."""
+        sent = False
+        seen = (len(events), id(events[-1]) if len(events) else 0)
+        new_events = seen != self._events_seen
+        self._events_seen, self._records, self._processes = seen, list(events), processes or {}
+        for i, stream in enumerate(streams):
+            hist = metrics[stream]
+            if f"{stream}/loss" not in self.sources:
+                for metric, _ in METRICS:
+                    self._add_metric(stream, metric, Category10_10[i % 10])
+                for m in self.layout.references():  # the browser sends nothing back (sliders/toggles act in JS)
+                    m.syncable = False
+            last = self.sent.get(stream, (-1, None))
+            if hist.last_serial == last[0] and not new_events:
+                continue
+            self._redraw(stream, hist)
+            sent = True
+        return sent
+
+    def _redraw(self, stream: str, hist: Any) -> None:
+        rows = hist.arrays()
+        if not len(rows["serial"]):
+            return
+        last_step = None
+        marks: list[curve_events.Marker] = []
+        fin_t = rows["t"][np.isfinite(rows["t"])]
+        t0 = float(fin_t.min()) if len(fin_t) else None  # relative time counts from the stream's first record
+        for metric, _ in METRICS:
+            live, gone, gaps = curves.split(rows, metric)
+            s = curves.draw(rows, live, metric, N_OUT, gaps)
+            self.sources[f"{stream}/{metric}"].data = {**s.columns(t0), "run": [stream] * len(s)}
+            g = curves.draw(rows, gone, metric, N_OUT)
+            self.lost_sources[f"{stream}/{metric}"].data = {**g.columns(t0),
+                                                           "run": [stream + " (lost work)"] * len(g)}
+            if metric == "loss":
+                last_step = float(s.step[-1]) if len(s) else None
+                step = rows["step"]
+                for start in curves.incarnation_starts(step)[1:]:
+                    prev = step[:start][np.isfinite(step[:start])]
+                    marks.append(curve_events.Marker(float(step[start]), "resume",
+                                                 f"{stream}: restart, resumed at step {step[start]:.0f}"
+                                                 + (f" (steps {step[start]:.0f}-{prev.max():.0f} lost)"
+                                                    if len(prev) else "")))
+                marks += curve_events.markers(self._records, stream, rows["step"][live], rows["t"][live],
+                                              self._processes.get(stream, ()))
+        self._marks[stream] = marks
+        self._draw_markers()
+        self.sent[stream] = (hist.last_serial, last_step)
+
+    def _draw_markers(self) -> None:
+        # every stream's markers, each on its stream's line in each figure (that figure's y scale)
+        for key, metric in (("loss", "loss"), ("throughput", "samples_per_s"), ("lr", "lr")):
+            cols: dict[str, list] = {"x": [], "y": [], "what": [], "kind": [], "color": []}
+            for stream, marks in self._marks.items():
+                d = self.sources[f"{stream}/{metric}"].data
+                fin = [(x, y) for x, y in zip(d["step"], d["y"]) if y == y]
+                for m in marks:
+                    cols["x"].append(m.step)
+                    cols["y"].append(float(np.interp(m.step, [p[0] for p in fin], [p[1] for p in fin]))
+                                     if fin else math.nan)
+                    cols["what"].append(m.what)
+                    cols["kind"].append(m.kind)
+                    cols["color"].append(_MARK_COLORS.get(m.kind, "red"))
+            self.events[key].data = cols
+
+    # ------------------------------------------------------------ overlay
+
+    def overlay(self, label: str, records: list[dict], *, baseline: bool = False) -> None:
+        """Draw a past run's metrics as thin faint lines (baseline: black dashed) on the matching figures."""
+        from dashboard.history import History
+
+        self.clear_overlay(label)
+        h = History(("step", "t", *[m for m, _ in METRICS]), max(4, len(records) + 1))
+        h.extend(records)
+        rows = h.arrays()
+        added = []
+        for metric, key in METRICS:
+            live, _, gaps = curves.split(rows, metric)
+            s = curves.draw(rows, live, metric, N_OUT, gaps)
+            if not len(s):
+                continue
+            src = ColumnDataSource({**s.columns(), "run": [label] * len(s)}, name=f"overlay:{label}:{metric}")
+            for f in (self.figs[key], self.log_figs[key]):
+                glyph = (Line(x="x", y="y", line_color="black", line_dash="dashed", line_width=1.5, line_alpha=0.8)
+                         if baseline else Line(x="x", y="y", line_color="grey", line_dash="dashed", line_alpha=0.5))
+                r = f.add_glyph(src, glyph, name=f"overlay:{label}")
+                added.append((f, r))
+        self.overlays[label] = added
+
+    def clear_overlay(self, label: str) -> None:
+        """Remove a run's overlay lines (no-op when absent)."""
+        for f, r in self.overlays.pop(label, []):
+            f.renderers = [x for x in f.renderers if x is not r]

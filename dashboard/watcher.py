@@ -1,0 +1,194 @@
+"""When the collector reads: on a change in the run dir (a stat poll), and at ``refresh`` for the rest.
+
+A status or metrics write must reach the page within 0.3 s, but the collector's
+full cycle (status scan, tails, host/process/GPU sampling, log tails, its own
+status write) every 0.1 s would cost idle CPU for nothing. So the loop polls the
+run dir's directory entries every ``POLL_S`` (one ``scandir`` and an ``lstat`` per
+entry: microseconds a file) and runs a ``FILES`` cycle (status scan, metrics and events
+tails) only when a stamp changed; the ``FULL`` cycle still runs every ``refresh``.
+
+Why a stat poll and not inotify (watchfiles 1.2, a Rust extension, is installable
+here): a run dir on NFS gets no inotify events for writes made by another host
+(keel's status files carry a ``host`` for exactly that case), and the poll needs no
+new native dependency. It runs in its own thread and wakes the event loop only on a
+change; its cost is measured in docs/dashboard.md ("Freshness").
+
+Stamps are (name, inode, size, mtime_ns): a status snapshot is replaced by rename
+(new inode), a metrics or events log grows (new size). Not watched: write temps
+(dot names), writers' lock files (flock does not touch them), and the dashboard's own
+status file, which it rewrites every cycle (else every cycle would trigger the next).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import enum
+import logging
+import os
+import threading
+import time
+from typing import Callable, Iterator
+
+from keel.status.paths import LOCK_SUFFIX, STATUS_SUFFIX
+
+log = logging.getLogger("dashboard.watcher")
+
+POLL_S = 0.05  # the stat poll's period: worst case 0.05 s of the 0.3 s budget (~0.1 % of a core idle)
+# A run dir of many files (a 256-rank torchrun: ~1.6 ms a poll) is polled less often, so the
+# poll never costs more than 1/POLL_BUDGET of a core: freshness then degrades, idle CPU does not.
+POLL_BUDGET = 200
+
+Stamp = tuple[str, int, int, int]  # name, inode, size, mtime_ns
+Signature = tuple[Stamp, ...] | None  # None: the run dir cannot be listed (the status scan says why)
+
+
+class Cycle(enum.Enum):
+    FULL = "full"  # everything, host resources and log tails included: every ``refresh``
+    QUIET = "quiet"  # FULL but the resource sample, for a run dir quiet for QUIET_AFTER_S
+    FILES = "files"  # the run dir's files only: on a change
+
+
+# Nothing written for QUIET_AFTER_S: host/process/GPU samples every QUIET_SAMPLE_EVERY refreshes
+# only. Each sample is a stream message to every open tab (~1 ms of Bokeh each), and a stack
+# with nothing running has nothing new to show there; any write brings the 1-refresh pace back.
+QUIET_AFTER_S = 10.0
+QUIET_SAMPLE_EVERY = 5
+
+
+# Errors of the reads only a FULL cycle makes: a FILES cycle keeps them as they were, so the
+# page does not flash an error on and off between full cycles.
+FULL_ONLY_ERRORS = ("resources", "logs", "own status")
+QUIET_SKIPS_ERRORS = ("resources",)
+
+
+def run_dir_signature(run_dir: str, ignore: frozenset[str] = frozenset(),
+                      scandir: Callable[[str], Iterator[os.DirEntry]] = os.scandir) -> Signature:
+    """The stamps of the watched files of ``run_dir``, sorted; None if the dir cannot be listed."""
+    stamps: list[Stamp] = []
+    try:
+        entries = scandir(run_dir)
+    except OSError:
+        return None
+    with entries as it:  # type: ignore[attr-defined]
+        for e in it:
+            name = e.name
+            if name.startswith(".") or name.endswith(LOCK_SUFFIX) or name in ignore:
+                continue
+            try:
+                st = e.stat(follow_symlinks=False)
+            except OSError:  # replaced or removed since readdir: the next poll sees what is there
+                continue
+            stamps.append((name, st.st_ino, st.st_size, st.st_mtime_ns))
+    stamps.sort()
+    return tuple(stamps)
+
+
+class RunDirWatcher:
+    """``changed()``: has any watched file of the run dir changed since the last call? (True at first.)"""
+
+    def __init__(self, run_dir: str, own_name: str | None = None,
+                 signature: Callable[[str, frozenset[str]], Signature] = run_dir_signature) -> None:
+        self.run_dir = run_dir
+        self.ignore = frozenset({f"{own_name}{STATUS_SUFFIX}"} if own_name else ())
+        self._signature = signature
+        self._last: Signature | object = _NEVER
+        self.polls = 0
+        self.delay = POLL_S  # seconds until the next poll (see POLL_BUDGET)
+
+    def changed(self) -> bool:
+        t0 = time.thread_time()  # CPU time, not wall: a poll preempted on a busy box is not a costly one
+        try:
+            sig = self._signature(self.run_dir, self.ignore)
+        except OSError:  # a readdir that fails half-way (NFS): unlistable, like a missing dir
+            sig = None
+        self.delay = max(POLL_S, POLL_BUDGET * (time.thread_time() - t0))
+        self.polls += 1
+        if sig == self._last:
+            return False
+        self._last = sig
+        return True
+
+    def start_thread(self, on_change: Callable[[], None]) -> threading.Event:
+        """Poll in a daemon thread, calling ``on_change`` (thread-safe, e.g. ``loop.call_soon_threadsafe``)
+        after each poll that saw a change; set the returned event to stop it.
+
+        A thread, not a job per poll on the event loop's thread pool: an idle poll then wakes
+        nothing but this thread (a pool job per poll cost ~4x the CPU, measured). An unlistable
+        run dir is one signature (None): a change once, which the status scan reports. A poll that
+        hangs (NFS) stalls only this thread; the FULL cycle every ``refresh`` still reads and reports.
+        """
+        stop = threading.Event()
+
+        def run() -> None:
+            while not stop.wait(self.delay):
+                try:
+                    hit = self.changed()
+                except Exception:  # noqa: BLE001 - a bug here must not end the polling
+                    log.exception("polling the run dir failed")
+                    hit = False
+                if hit and not stop.is_set():
+                    on_change()
+
+        threading.Thread(target=run, name="dashboard-watch", daemon=True).start()
+        return stop
+
+
+_NEVER = object()
+
+
+class Pacer:
+    """Which cycle is due: FULL every ``refresh`` seconds (the first one at once; QUIET instead, most of the
+    time, once nothing changed for QUIET_AFTER_S), FILES on a change."""
+
+    def __init__(self, refresh: float) -> None:
+        self.refresh = refresh
+        self._last_full: float | None = None
+        self._last_sample: float | None = None
+        self._last_change: float | None = None
+
+    def due(self, now: float, changed: bool) -> Cycle | None:
+        if changed:
+            self._last_change = now
+        if self._last_full is None or now - self._last_full >= self.refresh:
+            quiet = self._last_change is None or now - self._last_change >= QUIET_AFTER_S
+            if quiet and self._last_sample is not None and \
+                    now - self._last_sample < QUIET_SAMPLE_EVERY * self.refresh - 0.5 * self.refresh:
+                return Cycle.QUIET
+            return Cycle.FULL
+        return Cycle.FILES if changed else None
+
+    def until_full(self, now: float) -> float:
+        """Seconds from ``now`` to the next FULL cycle."""
+        return 0.0 if self._last_full is None else max(0.0, self._last_full + self.refresh - now)
+
+    def ran(self, cycle: Cycle, started: float) -> None:
+        """Record a cycle that began at ``started`` (so the next FULL is ``refresh`` after its start)."""
+        if cycle is not Cycle.FILES:
+            self._last_full = started
+        if cycle is Cycle.FULL:
+            self._last_sample = started
+
+
+def kept_errors(previous: dict[str, str], cycle: Cycle) -> dict[str, str]:
+    """The errors a cycle of kind ``cycle`` carries over from the last one (see FULL_ONLY_ERRORS)."""
+    if cycle is Cycle.FULL:
+        return {}
+    keep = QUIET_SKIPS_ERRORS if cycle is Cycle.QUIET else FULL_ONLY_ERRORS
+    return {k: v for k, v in previous.items() if k.startswith(keep)}
+
+
+async def nothing() -> None:
+    """Stands for a read a FILES cycle skips (in the collector's ``asyncio.gather``)."""
+    return None
+
+
+async def wait_any(a: asyncio.Event, b: asyncio.Event, timeout: float) -> None:
+    """Until ``a`` or ``b`` is set, or ``timeout`` seconds."""
+    if a.is_set() or b.is_set():
+        return
+    waits = [asyncio.ensure_future(a.wait()), asyncio.ensure_future(b.wait())]
+    try:
+        await asyncio.wait(waits, timeout=timeout, return_when=asyncio.FIRST_COMPLETED)
+    finally:
+        for w in waits:
+            w.cancel()

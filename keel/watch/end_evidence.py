@@ -1,0 +1,216 @@
+"""Gathering what is known about a run's end, for ``keel.watch.endings.classify``.
+
+Sources, each optional (a backend or host may not say):
+
+- the backend: its state when the end was noticed, and the exit code or killing
+  signal (supervisord: its own log's "exited: <program> (terminated by SIGKILL...)"
+  line after the run's "spawned: ... with pid N", through ``exit_of``; systemd:
+  ExecMainCode/ExecMainStatus in ``ProcessInfo.exit_signal``/``exit_status``);
+- the process's own exit record (``keel.status.exits``), only when it names the pid;
+- the last status of that pid (its ``last_error``);
+- the OOM kill counter of the run's cgroup (v2 ``memory.events``, v1
+  ``memory.oom_control``: ``oom_kill N``), read when the run was first seen and
+  again at its end; and the run's last sampled RSS against ``limits.memory``.
+
+``RunTrack`` is what the watchdog keeps per run for this (``track`` each poll: one
+dict lookup, and two small file reads when a new pid appears).
+"""
+
+from __future__ import annotations
+
+import re
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Callable, Iterable
+
+from keel.control.base import ControlError, ProcessInfo
+from keel.host.sampling import ResourceSample
+from keel.status.exits import read_exit_record
+from keel.status.models import ProcessStatus
+from keel.watch.endings import EndEvidence, EndState, classify
+from keel.watch.health import HealthVerdict, Level
+
+__all__ = ["RunTrack", "cgroup_of", "end_run", "evidence", "give_up_if_same_crash", "run_ended", "oom_kill_count", "parse_oom_kill", "parse_supervisord_exit", "track"]
+
+CGROUP_ROOT = Path("/sys/fs/cgroup")
+
+
+@dataclass
+class RunTrack:
+    """Per watched process: the run being tracked, its cgroup's OOM count at its start, its last RSS."""
+
+    pid: int | None = None
+    cgroup: str | None = None  # the memory.events / memory.oom_control file of its cgroup
+    oom_at_start: int | None = None
+    rss_bytes: int | None = None
+
+
+def cgroup_of(cgroup_text: str, root: Path = CGROUP_ROOT) -> str | None:
+    """The OOM counter file for a /proc/<pid>/cgroup content: v2 memory.events, else v1 memory.oom_control."""
+    v1 = None
+    for line in cgroup_text.splitlines():
+        parts = line.split(":", 2)
+        if len(parts) != 3:
+            continue
+        hid, controllers, path = parts
+        if hid == "0" and controllers == "":
+            v2 = root / path.lstrip("/") / "memory.events"
+            if v2.exists():
+                return str(v2)
+        elif "memory" in controllers.split(","):
+            v1 = str(root / "memory" / path.lstrip("/") / "memory.oom_control")
+    return v1 if v1 is not None and Path(v1).exists() else None
+
+
+def parse_oom_kill(text: str) -> int | None:
+    """``oom_kill N`` out of memory.events (v2) or memory.oom_control (v1)."""
+    m = re.search(r"^oom_kill (\d+)$", text, re.M)
+    return int(m.group(1)) if m else None
+
+
+def oom_kill_count(path: str | None) -> int | None:
+    if path is None:
+        return None
+    try:
+        return parse_oom_kill(Path(path).read_text())
+    except OSError:
+        return None
+
+
+def _cgroup_file(pid: int) -> str | None:
+    try:
+        return cgroup_of(Path(f"/proc/{pid}/cgroup").read_text())
+    except OSError:
+        return None
+
+
+def track(t: RunTrack, pid: int | None, sample: ResourceSample | None) -> None:
+    """Each poll, for the run the watchdog judges (``pid``): a new pid starts a new track."""
+    if pid is None:
+        return
+    if pid != t.pid:
+        t.pid, t.rss_bytes = pid, None
+        t.cgroup = _cgroup_file(pid)
+        t.oom_at_start = oom_kill_count(t.cgroup)
+    tree = sample.processes.get(pid) if sample is not None else None
+    if tree is not None and tree.alive:
+        t.rss_bytes = tree.rss_bytes
+
+
+_SPAWNED = re.compile(r"spawned: '(?P<prog>[^']+)' with pid (?P<pid>\d+)")
+_ENDED = re.compile(r"(?:exited|stopped): (?P<prog>\S+) \((?P<how>[^;)]*)")
+
+
+def parse_supervisord_exit(log_text: str, program: str, pid: int | None) -> tuple[int | None, str | None] | None:
+    """(exit code, signal) of ``program``'s run ``pid`` from supervisord's log, or None when not found.
+
+    The run's line is the first "exited:"/"stopped:" line of the program after its
+    "spawned: ... with pid N" line (pid None: the program's last such line).
+    """
+    lines = log_text.splitlines()
+    start = 0
+    if pid is not None:
+        spawned = [i for i, line in enumerate(lines)
+                   if (m := _SPAWNED.search(line)) and m["prog"] == program and int(m["pid"]) == pid]
+        if not spawned:
+            return None
+        start = spawned[-1] + 1
+    found = [m for line in lines[start:] if (m := _ENDED.search(line)) and m["prog"] == program]
+    if not found:
+        return None
+    how = (found[0] if pid is not None else found[-1])["how"]
+    if m := re.match(r"exit status (-?\d+)", how):
+        return int(m.group(1)), None
+    if m := re.match(r"terminated by (SIG[A-Z0-9]+)", how):
+        return None, m.group(1)
+    return None
+
+
+def _backend_exit(backend: Any, name: str, info: ProcessInfo | None, pid: int | None) -> tuple[int | None, str | None]:
+    log_tail: Callable[[], str] | None = getattr(backend, "main_log_tail", None)
+    program = getattr(backend, "programs", {}).get(name)
+    if log_tail is not None and program is not None:
+        try:
+            found = parse_supervisord_exit(log_tail(), program, pid)
+        except ControlError:
+            found = None
+        if found is not None:
+            return found
+    if info is None or info.state not in ("EXITED", "STOPPED", "FATAL"):
+        return None, None  # a restarting backend's exit status belongs to no run yet
+    sig = getattr(info, "exit_signal", None)
+    if sig is not None:
+        return None, sig
+    code = info.exit_status
+    return (None, None) if code is None or code < 0 else (code, None)
+
+
+def evidence(
+    *, name: str, pid: int | None, info: ProcessInfo | None, backend: Any, run_dir: Path,
+    status_names: Iterable[str], statuses: Iterable[Any], run: RunTrack, memory_limit: int | None,
+    watchdog_action: str | None = None, watchdog_rule: str | None = None, watchdog_reason: str | None = None,
+) -> EndEvidence:
+    """Everything known about the end of ``name``'s run ``pid`` (see the module docstring)."""
+    record = None
+    for status_name in status_names:
+        record = read_exit_record(run_dir, status_name, pid)
+        if record is not None:
+            break
+    exit_code, sig = (None, None) if watchdog_action else _backend_exit(backend, name, info, pid)
+    if exit_code is None and sig is None and record is not None:
+        exit_code = record.exit_code
+    last_error = next((s.last_error for s in statuses if isinstance(s, ProcessStatus) and s.pid == pid), None)
+    oom = None
+    if run.pid == pid and run.oom_at_start is not None:
+        now = oom_kill_count(run.cgroup)
+        oom = None if now is None else max(0, now - run.oom_at_start)
+    return EndEvidence(
+        pid=pid, backend_state=info.state if info is not None else None, exit_code=exit_code, signal=sig,
+        step=record.step if record else None, exception=record.exception if record else None,
+        traceback=record.traceback if record else None, stop_signal=record.stop_signal if record else None,
+        has_record=record is not None, last_error=last_error, watchdog_action=watchdog_action,
+        watchdog_rule=watchdog_rule, watchdog_reason=watchdog_reason, oom_kills=oom,
+        rss_bytes=run.rss_bytes if run.pid == pid else None, memory_limit=memory_limit,
+    )
+
+
+# -- the watchdog's hooks (``wd``: the Watchdog, ``w``: its Watched record; duck-typed: state.py imports this module)
+
+
+def end_run(wd: Any, w: Any, info: ProcessInfo | None, *, action: str | None = None, rule: str | None = None,
+            reason: str | None = None) -> EndState:
+    """Classify the end of ``w``'s tracked run (``w.incarnation``), publish it (event ``ended``) and remember it."""
+    ev = evidence(name=w.name, pid=w.incarnation, info=info, backend=wd.backend, run_dir=wd.settings.run_dir,
+                  status_names=w.config.status_names, statuses=w.statuses, run=w.run,
+                  memory_limit=w.config.limits.memory_bytes, watchdog_action=action, watchdog_rule=rule,
+                  watchdog_reason=reason)
+    end = classify(ev)
+    w.end = end
+    w.crashes.record(end, wd.settings.same_crash)
+    last = w.last_action
+    wd.emit(process=w.name, action="ended", reason=end.summary, end=end.reason, pid=end.pid,
+            exit_code=end.exit_code, signal=end.signal, exception=end.exception, step=end.step)
+    if action is not None:
+        w.last_action = last  # the watchdog's own action stays the last action; the end is its consequence
+    return end
+
+
+def run_ended(wd: Any, w: Any, info: ProcessInfo | None, now: float) -> bool:
+    """The tracked run is gone (not by the watchdog's hand): classify it; True when that made the watchdog
+    give up (the same crash after ``same_crash.resumes`` resumes: keel.watch.crashes)."""
+    end_run(wd, w, info)
+    return give_up_if_same_crash(wd, w, info, now)
+
+
+def give_up_if_same_crash(wd: Any, w: Any, info: ProcessInfo | None, now: float) -> bool:
+    """Give up (stop, mark failed, alert) when the last runs crashed the same way; True if it did.
+
+    Also called after the watchdog's own restart of a run that reported state=failed before the
+    backend noticed its exit: the crash is the same, whoever restarted it."""
+    why = w.crashes.same_crash(wd.settings.same_crash)
+    if why is None or w.budget.gave_up or w.config.restart.policy == "never":
+        return False
+    verdict = HealthVerdict(Level.UNHEALTHY, why, "same_crash")
+    w.verdict = verdict
+    wd._give_up(w, verdict, info, len(w.budget.restarts), now, why=why)
+    return True
