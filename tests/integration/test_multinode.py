@@ -178,7 +178,7 @@ def test_two_nodes_train_as_one_job(job):
 
 def test_a_sigkilled_rank_brings_both_nodes_back_from_the_checkpoint(job):
     # only global rank 0 saves (into the shared dir), so one node's payload names the checkpoint
-    wait_until(lambda: training(job) and any(n.payload().get("checkpoint_step") for n in job), 60, what="a checkpoint written")
+    wait_until(lambda: training(job) and any(n.payload().get("checkpoint_step") for n in job), 120, what="a checkpoint written")
     victim, other = job
     before = {n.name: (n.rank().pid, n.payload()["step"]) for n in job}
     ckpt = max(n.payload().get("checkpoint_step") or 0 for n in job)
@@ -188,7 +188,7 @@ def test_a_sigkilled_rank_brings_both_nodes_back_from_the_checkpoint(job):
         return training(job) and all(n.rank().pid != before[n.name][0] for n in job)
 
     # torchrun restarts the dead rank's node and the other node's rank at a new rendezvous
-    wait_until(both_back, 90, what="both nodes re-rendezvoused with new ranks")
+    wait_until(both_back, 180, what="both nodes re-rendezvoused with new ranks")
     for node in job:
         step = node.payload()["step"]
         assert step >= ckpt > 0, (node.name, step, ckpt)  # resumed from the checkpoint, not from 0
