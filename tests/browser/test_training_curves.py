@@ -142,6 +142,7 @@ def test_after_sigkill_and_resume_no_fold_back_lost_work_faint_and_a_restart_mar
         resume = int(last) - 40
         st["writer"] = _start(st["reaper"], st["root"], resume)
         wait_until(lambda: max(_series(page, "metrics:trainer")["x"]) > last + 20, T, what="resumed points")
+        wait_until(lambda: len(_series(page, "metrics:trainer:lost")["x"]) >= 20, T, what="the lost work drawn")
         page.screenshot(path=str(art / "3-resumed.png"), full_page=True)
         s = _series(page, "metrics:trainer")
         assert all(b >= a for a, b in zip(s["x"], s["x"][1:])), "the live line folds back in x"
