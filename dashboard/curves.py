@@ -73,14 +73,17 @@ def _empty() -> Series:
     return Series(e, e, e, e, e)
 
 
-def split(rows: dict[str, np.ndarray], metric: str) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+def split(rows: dict[str, np.ndarray], metric: str, starts: np.ndarray | None = None,
+          lost: np.ndarray | None = None) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
     """Row indices of ``metric``'s live points, of its lost-work points, and of the live line's gap rows.
 
-    A gap row is the first live point of each later incarnation: the line breaks just before it."""
+    A gap row is the first live point of each later incarnation: the line breaks just before it.
+    ``starts``/``lost`` (``incarnation_starts``, ``lost_mask`` of the rows): pass them to split several
+    metrics of the same rows without recomputing them (the dearest part on a long run)."""
     step = rows["step"]
     y = rows[metric]
-    starts = incarnation_starts(step)
-    lost = lost_mask(step, starts)
+    starts = incarnation_starts(step) if starts is None else starts
+    lost = lost_mask(step, starts) if lost is None else lost
     has = np.isfinite(y) & np.isfinite(step)
     live = np.flatnonzero(has & ~lost)
     gone = np.flatnonzero(has & lost)
@@ -121,8 +124,36 @@ def draw(rows: dict[str, np.ndarray], idx: np.ndarray, metric: str, n_out: int,
     return Series(s, tt, yy, lo, hi)
 
 
-def is_gap_start(rows: dict[str, np.ndarray], prev_step: float | None) -> bool:
-    """Whether new rows begin a new incarnation relative to the last step already drawn."""
+@dataclass(frozen=True)
+class Frame:
+    """What every session draws of one stream at one History serial: computed once, shared by all."""
+
+    live: dict[str, dict[str, list[float]]]  # metric -> source columns of its live line
+    lost: dict[str, dict[str, list[float]]]  # metric -> source columns of its lost work
+    resumes: list[tuple[float, str]]  # (step, hover text) where a later incarnation resumed
+    live_step: np.ndarray  # the loss line's live rows, where markers placed by wall time go
+    live_t: np.ndarray
+
+
+def frame(rows: dict[str, np.ndarray], stream: str, metrics: tuple[str, ...], n_out: int) -> Frame:
+    """Every metric's live line and lost work, downsampled to ``n_out``, and the resumes, of one stream."""
+    fin_t = rows["t"][np.isfinite(rows["t"])]
+    t0 = float(fin_t.min()) if len(fin_t) else None  # relative time counts from the stream's first record
+    live_cols, lost_cols = {}, {}
+    live_step = live_t = np.empty(0)
     step = rows["step"]
-    fin = step[np.isfinite(step)]
-    return prev_step is not None and len(fin) > 0 and (float(fin[0]) < prev_step or bool(np.any(np.diff(fin) < 0)))
+    starts = incarnation_starts(step)
+    lost = lost_mask(step, starts)
+    for metric in metrics:
+        live, gone, gaps = split(rows, metric, starts, lost)
+        s, g = draw(rows, live, metric, n_out, gaps), draw(rows, gone, metric, n_out)
+        live_cols[metric] = {**s.columns(t0), "run": [stream] * len(s)}
+        lost_cols[metric] = {**g.columns(t0), "run": [stream + " (lost work)"] * len(g)}
+        if metric == "loss":
+            live_step, live_t = rows["step"][live], rows["t"][live]
+    resumes = []
+    for start in starts[1:]:
+        prev = step[:start][np.isfinite(step[:start])]
+        resumes.append((float(step[start]), f"{stream}: restart, resumed at step {step[start]:.0f}"
+                        + (f" (steps {step[start]:.0f}-{prev.max():.0f} lost)" if len(prev) else "")))
+    return Frame(live_cols, lost_cols, resumes, live_step, live_t)

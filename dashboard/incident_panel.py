@@ -7,13 +7,12 @@ again only when that name changes, so an idle page costs one directory listing.
 
 from __future__ import annotations
 
-from pathlib import Path
 from typing import Any
 
 from bokeh.document import Document
 from bokeh.models import Div
 
-from keel.watch.incidents import INCIDENTS_DIR, load_incident
+from keel.watch.incidents import load_incident, newest_bundle
 
 from dashboard.present import esc
 
@@ -45,12 +44,7 @@ class IncidentPanel:
         self._newest: str | None = None
 
     def refresh(self) -> None:
-        try:
-            names = sorted(p.name for p in (Path(self.run_dir) / INCIDENTS_DIR).iterdir()
-                           if p.is_dir() and not p.name.startswith("."))
-        except OSError:
-            names = []
-        newest = names[-1] if names else None
+        newest = newest_bundle(self.run_dir)
         if newest == self._newest:
             return
         self._newest = newest

@@ -199,7 +199,8 @@ class SessionView:
         self._set(self.training, self._derived("training", self._training_html))
         streams = sorted(c.metrics)[:MAX_PLOTTED]
         writers = {s: tuple(p.name for p in c.cfg.processes if s in p.status_names) for s in streams}
-        if self.plots.update(c.metrics, streams, c.event_records, writers) and len(streams) != len(self._training_keys):
+        if self.plots.update(c.metrics, streams, c.event_records, writers, c.derived) and \
+                len(streams) != len(self._training_keys):
             self._training_keys = [(Category10_10[i % 10], n) for i, n in enumerate(streams)]
             self._set(self.training_key, _key_html(self._training_keys))
         self._update_resources()

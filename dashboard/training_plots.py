@@ -74,7 +74,7 @@ class TrainingPlots:
         self.events = {k: ColumnDataSource({"x": [], "y": [], "what": [], "kind": [], "color": []},
                                            name="training_events" if k == "loss" else f"training_events:{k}")
                        for k, _ in FIGURES}
-        self.sent: dict[str, tuple[int, float | None]] = {}  # stream -> (last serial drawn, last live step)
+        self.sent: dict[str, int] = {}  # stream -> the History serial last drawn
         self._marks: dict[str, list[curve_events.Marker]] = {}  # stream -> its markers, as last drawn
         self._events_seen: tuple[int, int] = (0, 0)  # (count, id of the newest) of the event records drawn
         self._records: list[dict] = []
@@ -126,11 +126,13 @@ class TrainingPlots:
                 "@t": "datetime", "@y": CustomJSHover(args={"source": src}, code=_VALUE_JS)}))
 
     def update(self, metrics: dict[str, Any], streams: list[str], events: Any = (),
-               processes: dict[str, tuple[str, ...]] | None = None) -> bool:
+               processes: dict[str, tuple[str, ...]] | None = None, shared: dict[str, Any] | None = None) -> bool:
         """Redraw the streams whose History changed, or all when new ``events`` came (the collector's
         raw ``event_records``; ``processes``: stream -> the programs writing it, whose watchdog events
-        go on its curves); True when something was sent."""
+        go on its curves); True when something was sent. ``shared`` (the collector's ``derived``): where
+        the drawn frame of a stream is kept, so N sessions downsample a History once, not N times."""
         sent = False
+        shared = {} if shared is None else shared
         seen = (len(events), id(events[-1]) if len(events) else 0)
         new_events = seen != self._events_seen
         self._events_seen, self._records, self._processes = seen, list(events), processes or {}
@@ -141,42 +143,25 @@ class TrainingPlots:
                     self._add_metric(stream, metric, Category10_10[i % 10])
                 for m in self.layout.references():  # the browser sends nothing back (sliders/toggles act in JS)
                     m.syncable = False
-            last = self.sent.get(stream, (-1, None))
-            if hist.last_serial == last[0] and not new_events:
+            if hist.last_serial == self.sent.get(stream, -1) and not new_events:
                 continue
-            self._redraw(stream, hist)
+            key = f"curves:{stream}:{hist.last_serial}"
+            if key not in shared:
+                shared[key] = curves.frame(hist.arrays(), stream, tuple(m for m, _ in METRICS), N_OUT)
+            self._redraw(stream, hist.last_serial, shared[key])
             sent = True
         return sent
 
-    def _redraw(self, stream: str, hist: Any) -> None:
-        rows = hist.arrays()
-        if not len(rows["serial"]):
-            return
-        last_step = None
-        marks: list[curve_events.Marker] = []
-        fin_t = rows["t"][np.isfinite(rows["t"])]
-        t0 = float(fin_t.min()) if len(fin_t) else None  # relative time counts from the stream's first record
+    def _redraw(self, stream: str, serial: int, frame: curves.Frame) -> None:
         for metric, _ in METRICS:
-            live, gone, gaps = curves.split(rows, metric)
-            s = curves.draw(rows, live, metric, N_OUT, gaps)
-            self.sources[f"{stream}/{metric}"].data = {**s.columns(t0), "run": [stream] * len(s)}
-            g = curves.draw(rows, gone, metric, N_OUT)
-            self.lost_sources[f"{stream}/{metric}"].data = {**g.columns(t0),
-                                                           "run": [stream + " (lost work)"] * len(g)}
-            if metric == "loss":
-                last_step = float(s.step[-1]) if len(s) else None
-                step = rows["step"]
-                for start in curves.incarnation_starts(step)[1:]:
-                    prev = step[:start][np.isfinite(step[:start])]
-                    marks.append(curve_events.Marker(float(step[start]), "resume",
-                                                 f"{stream}: restart, resumed at step {step[start]:.0f}"
-                                                 + (f" (steps {step[start]:.0f}-{prev.max():.0f} lost)"
-                                                    if len(prev) else "")))
-                marks += curve_events.markers(self._records, stream, rows["step"][live], rows["t"][live],
-                                              self._processes.get(stream, ()))
+            self.sources[f"{stream}/{metric}"].data = frame.live[metric]
+            self.lost_sources[f"{stream}/{metric}"].data = frame.lost[metric]
+        marks = [curve_events.Marker(step, "resume", what) for step, what in frame.resumes]
+        marks += curve_events.markers(self._records, stream, frame.live_step, frame.live_t,
+                                      self._processes.get(stream, ()))
         self._marks[stream] = marks
         self._draw_markers()
-        self.sent[stream] = (hist.last_serial, last_step)
+        self.sent[stream] = serial
 
     def _draw_markers(self) -> None:
         # every stream's markers, each on its stream's line in each figure (that figure's y scale)

@@ -141,6 +141,9 @@ class FakeBackend:
         if self.on_start is not None:
             info.pid = self.on_start(name)
 
+    def last_exit(self, name: str, pid: int | None) -> tuple[int | None, str | None] | None:
+        return None  # ProcessInfo's exit_status/exit_signal is all this backend knows
+
     def status(self) -> dict[str, ProcessInfo]:
         self._op("status", "*")
         return {k: ProcessInfo(**vars(v)) for k, v in self.processes.items()}

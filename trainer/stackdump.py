@@ -22,26 +22,21 @@ import time
 from pathlib import Path
 from typing import IO
 
+from keel.status.paths import STACKDUMP_HEADER, stackdump_path
+
 DUMP_SIGNAL = signal.SIGRTMIN + 6  # 40 on Linux; read from the file's header by the watchdog, not assumed
-DIR_NAME = "stackdump"
-HEADER = "# keel stackdump pid={pid} signal={signal} registered={registered:.3f}\n"
 
 _handle: IO[str] | None = None
 
 
-def dump_path(run_dir: str | os.PathLike, pid: int) -> Path:
-    """Where ``pid``'s stacks go when it is sent ``DUMP_SIGNAL``."""
-    return Path(run_dir) / DIR_NAME / f"{pid}.txt"
-
-
 def register(run_dir: str | os.PathLike) -> Path | None:
-    """Make ``DUMP_SIGNAL`` dump all threads' stacks to ``dump_path(run_dir, getpid())``. None if it cannot."""
+    """Make ``DUMP_SIGNAL`` dump all threads' stacks to ``stackdump_path(run_dir, getpid())``. None if it cannot."""
     global _handle
-    path = dump_path(run_dir, os.getpid())
+    path = stackdump_path(run_dir, os.getpid())
     try:
         path.parent.mkdir(parents=True, exist_ok=True)
         handle = open(path, "w", encoding="utf-8")  # noqa: SIM115 - faulthandler keeps the fd for our lifetime
-        handle.write(HEADER.format(pid=os.getpid(), signal=int(DUMP_SIGNAL), registered=time.time()))
+        handle.write(STACKDUMP_HEADER.format(pid=os.getpid(), signal=int(DUMP_SIGNAL), registered=time.time()))
         handle.flush()
         faulthandler.register(DUMP_SIGNAL, file=handle, all_threads=True, chain=False)
     except (OSError, RuntimeError, ValueError):

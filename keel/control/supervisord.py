@@ -10,6 +10,7 @@ updated, and it is never shut down).
 from __future__ import annotations
 
 import http.client
+import re
 import socket
 import subprocess
 import sys
@@ -160,10 +161,12 @@ class SupervisordBackend:
     def signal(self, name: str, sig: int) -> None:
         self._call("signalProcess", self._program(name), signal_name(sig), process=name)
 
-    def main_log_tail(self, size: int = 65536) -> str:
-        """The end of supervisord's own log: its "exited: ... (terminated by SIGKILL)" lines say how a run
-        ended, which getProcessInfo does not (exitstatus -1 for any signal). keel.watch.end_evidence reads it."""
-        return str(self._call("readLog", -size, 0))
+    def last_exit(self, name: str, pid: int | None, size: int = 65536) -> tuple[int | None, str | None] | None:
+        """(exit code, signal) of ``name``'s run ``pid`` from the end of supervisord's own log, or None.
+
+        Its "exited: ... (terminated by SIGKILL)" lines say how a run ended, which getProcessInfo
+        does not (exitstatus -1 for any signal)."""
+        return parse_supervisord_exit(str(self._call("readLog", -size, 0)), self._program(name), pid)
 
     def _request_stop(self, name: str) -> bool:
         """Ask supervisord to stop ``name`` without waiting; False when it was not running."""
@@ -294,3 +297,32 @@ class SupervisordBackend:
                 raise BackendUnavailable(f"supervisord at {self.socket_path} still answers {self.timeout:g}s after "
                                          "shutdown", backend=self.kind)
             time.sleep(0.1)
+
+
+_SPAWNED = re.compile(r"spawned: '(?P<prog>[^']+)' with pid (?P<pid>\d+)")
+_ENDED = re.compile(r"(?:exited|stopped): (?P<prog>\S+) \((?P<how>[^;)]*)")
+
+
+def parse_supervisord_exit(log_text: str, program: str, pid: int | None) -> tuple[int | None, str | None] | None:
+    """(exit code, signal) of ``program``'s run ``pid`` from supervisord's log, or None when not found.
+
+    The run's line is the first "exited:"/"stopped:" line of the program after its
+    "spawned: ... with pid N" line (pid None: the program's last such line).
+    """
+    lines = log_text.splitlines()
+    start = 0
+    if pid is not None:
+        spawned = [i for i, line in enumerate(lines)
+                   if (m := _SPAWNED.search(line)) and m["prog"] == program and int(m["pid"]) == pid]
+        if not spawned:
+            return None
+        start = spawned[-1] + 1
+    found = [m for line in lines[start:] if (m := _ENDED.search(line)) and m["prog"] == program]
+    if not found:
+        return None
+    how = (found[0] if pid is not None else found[-1])["how"]
+    if m := re.match(r"exit status (-?\d+)", how):
+        return int(m.group(1)), None
+    if m := re.match(r"terminated by (SIG[A-Z0-9]+)", how):
+        return None, m.group(1)
+    return None

@@ -123,6 +123,9 @@ class SystemdBackend:
         self._run(["reset-failed", self._unit(name)], name)
         self._run(["restart", "--no-block", self._unit(name)], name)
 
+    def last_exit(self, name: str, pid: int | None) -> tuple[int | None, str | None] | None:
+        return None  # ExecMainCode/ExecMainStatus are in ProcessInfo already (exit_status, exit_signal)
+
     def signal(self, name: str, sig: int) -> None:
         self._run(["kill", "--kill-whom=main", f"--signal={int(sig)}", self._unit(name)], name)
 

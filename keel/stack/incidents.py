@@ -9,27 +9,35 @@ from __future__ import annotations
 
 import argparse
 import sys
-from pathlib import Path
 from typing import IO, Any
 
 from keel.render.contract import ContractError, StackFile
 from keel.stack.paths import load_rendered_stack
-from keel.watch.incidents import list_incidents, load_incident
+from keel.watch.incidents import list_incidents, load_incident, newest_incident, stuck_words
 
 __all__ = ["add_incident_commands", "format_incident", "latest_incident", "latest_line"]
 
 
 def latest_incident(stack: StackFile) -> dict[str, Any] | None:
     """The newest incident's summary (with its ``path``), or None."""
-    found = list_incidents(stack.paths.run_dir)
-    return found[0] if found else None
+    return newest_incident(stack.paths.run_dir)
 
 
 def _where(summary: dict[str, Any]) -> str:
-    stuck = summary.get("stuck") or {}
-    if not stuck.get("function"):
-        return "no stacks"
-    return f"stuck in {stuck['function']} ({stuck['file']}:{stuck['line']})"
+    return stuck_words(summary.get("stuck"))
+
+
+def _fail(message: str, code: int) -> int:
+    print(f"launch: {message}", file=sys.stderr)
+    return code
+
+
+def _stack(env: str) -> StackFile | int:
+    """The rendered stack of ``env``, or exit code 2 after saying why."""
+    try:
+        return load_rendered_stack(env)
+    except ContractError as exc:
+        return _fail(str(exc), 2)
 
 
 def latest_line(stack: StackFile) -> str | None:
@@ -69,11 +77,9 @@ def format_incident(summary: dict[str, Any], files: dict[str, str]) -> str:
 
 
 def cmd_incidents(args: argparse.Namespace, out: IO[str] = sys.stdout) -> int:
-    try:
-        stack = load_rendered_stack(args.env)
-    except ContractError as exc:
-        print(f"launch: {exc}", file=sys.stderr)
-        return 2
+    stack = _stack(args.env)
+    if isinstance(stack, int):
+        return stack
     if args.show is None:
         found = list_incidents(stack.paths.run_dir)
         out.write(format_list(found) + "\n" if found else f"no incidents in {stack.paths.run_dir}/incidents\n")
@@ -81,8 +87,7 @@ def cmd_incidents(args: argparse.Namespace, out: IO[str] = sys.stdout) -> int:
     try:
         summary, files = load_incident(stack.paths.run_dir, args.show)
     except LookupError as exc:
-        print(f"launch: {exc}", file=sys.stderr)
-        return 1
+        return _fail(str(exc), 1)
     out.write(format_incident(summary, files))
     return 0
 
@@ -95,15 +100,12 @@ def cmd_incident(args: argparse.Namespace, out: IO[str] = sys.stdout) -> int:
     from keel.status.reader import StatusReader
     from keel.watch.recorder import capture_on_demand
 
-    try:
-        stack = load_rendered_stack(args.env)
-    except ContractError as exc:
-        print(f"launch: {exc}", file=sys.stderr)
-        return 2
+    stack = _stack(args.env)
+    if isinstance(stack, int):
+        return stack
     proc = stack.processes.get(args.process)
     if proc is None:
-        print(f"launch: no process {args.process!r}; known: {', '.join(stack.processes)}", file=sys.stderr)
-        return 2
+        return _fail(f"no process {args.process!r}; known: {', '.join(stack.processes)}", 2)
     reader = StatusReader(stack.paths.run_dir)
     statuses = [reader.read(n) for n in proc.status_names]
     try:
@@ -112,14 +114,12 @@ def cmd_incident(args: argparse.Namespace, out: IO[str] = sys.stdout) -> int:
         info = None
     pid = (info.pid if info is not None and info.pid else None) or next((s.pid for s in statuses if s), None)
     if not pid:
-        print(f"launch: {args.process} is not running (no pid from the backend or its status)", file=sys.stderr)
-        return 1
+        return _fail(f"{args.process} is not running (no pid from the backend or its status)", 1)
     sampler = ResourceSampler()
     try:
-        path, inc = capture_on_demand(stack, args.process, pid, statuses, sampler.sample([pid]), Path(stack.paths.run_dir))
+        path = capture_on_demand(stack, args.process, pid, statuses, sampler.sample([pid]))
     except LookupError as exc:
-        print(f"launch: {exc}", file=sys.stderr)
-        return 1
+        return _fail(str(exc), 1)
     finally:
         sampler.close()
     out.write(f"incident written: {path}\n")

@@ -9,6 +9,8 @@ import time
 from pathlib import Path
 from typing import IO
 
+from keel.fs.tail import last_lines
+
 _LEVEL_COLOURS = {"error": "\033[31m", "critical": "\033[31m", "warning": "\033[33m", "debug": "\033[2m"}
 _FIXED = ("ts", "level", "process", "pid", "host", "event", "message")
 
@@ -30,20 +32,6 @@ def pretty(line: str, colour: bool = False) -> str:
     if colour and level in _LEVEL_COLOURS:
         text = f"{_LEVEL_COLOURS[level]}{text}\033[0m"
     return text
-
-
-def last_lines(path: Path, count: int, block: int = 65536) -> list[str]:
-    """The last `count` lines of a file without reading all of it."""
-    with open(path, "rb") as handle:
-        handle.seek(0, os.SEEK_END)
-        size = handle.tell()
-        data = b""
-        while size > 0 and data.count(b"\n") <= count:
-            step = min(block, size)
-            size -= step
-            handle.seek(size)
-            data = handle.read(step) + data
-    return data.decode("utf-8", "replace").splitlines()[-count:] if count else []
 
 
 def follow_log(path: Path, *, lines: int = 40, follow: bool = False, raw: bool = False, out: IO[str] = sys.stdout) -> int:

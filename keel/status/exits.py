@@ -15,16 +15,14 @@ from __future__ import annotations
 
 import os
 import traceback
-from pathlib import Path
 
 from pydantic import BaseModel, ConfigDict, ValidationError
 
 from keel.fs.atomic import atomic_write_text
-from keel.status.models import check_name
+from keel.status.paths import FILE_MODE, exit_path
 
-__all__ = ["EXIT_SUFFIX", "ExitRecord", "exit_path", "exit_record_for", "read_exit_record", "write_exit_record"]
+__all__ = ["ExitRecord", "exit_record_for", "read_exit_record", "write_exit_record"]
 
-EXIT_SUFFIX = ".exit.json"
 TRACEBACK_LINES = 12  # enough to name the failing line, small enough for an event
 
 
@@ -49,10 +47,6 @@ class ExitRecord(BaseModel):
         return f"{self.exception_type}: {self.exception_message}" if self.exception_message else self.exception_type
 
 
-def exit_path(run_dir: str | os.PathLike, name: str) -> Path:
-    return Path(run_dir) / f"{check_name(name)}{EXIT_SUFFIX}"
-
-
 def exit_record_for(exit_code: int, step: int | None, error: BaseException | None,
                     stop_signal: str | None) -> ExitRecord:
     """The record for this process (its pid) ending now."""
@@ -68,15 +62,18 @@ def exit_record_for(exit_code: int, step: int | None, error: BaseException | Non
 
 def write_exit_record(run_dir: str | os.PathLike, name: str, record: ExitRecord) -> None:
     """Replace the record atomically. Raises OSError (the caller, dying, ignores it)."""
-    atomic_write_text(exit_path(run_dir, name), record.model_dump_json(), 0o640)
+    atomic_write_text(exit_path(run_dir, name), record.model_dump_json(), FILE_MODE)
 
 
-def read_exit_record(run_dir: str | os.PathLike, name: str, pid: int | None = None) -> ExitRecord | None:
-    """The record, if there is a readable one (about ``pid`` when given); None otherwise."""
+def read_exit_record(run_dir: str | os.PathLike, name: str, pid: int | None) -> ExitRecord | None:
+    """The record of run ``pid``, if there is a readable one; None otherwise (and for an unknown pid:
+    a record always names its run, so one without a pid to match is nobody's)."""
+    if pid is None:
+        return None
     try:
         record = ExitRecord.model_validate_json(exit_path(run_dir, name).read_bytes())
     except (OSError, ValidationError, ValueError):
         return None
-    if pid is not None and record.pid != pid:
+    if record.pid != pid:
         return None  # another run's end
     return record

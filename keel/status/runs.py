@@ -27,9 +27,8 @@ from pydantic import BaseModel, ConfigDict, ValidationError
 
 from keel.fs.atomic import atomic_write_text
 from keel.status.jsonl import encode_record
-from keel.status.paths import FILE_MODE
+from keel.status.paths import FILE_MODE, RUNS_DIR
 
-RUNS_DIR = "runs"
 SUMMARY_FILE = "run.json"
 METRICS_FILE = "metrics.jsonl"
 SUMMARY_FORMAT = 1

@@ -1,4 +1,5 @@
-"""What the watchdog does to a process: restart it (SIGCONT first if frozen), or give up on it.
+"""What the watchdog does to a process: restart it (SIGCONT first if frozen), give up on it, and record
+how each run ended (``end_run``: classified by keel.watch.endings from keel.watch.end_evidence).
 
 The decisions are made in ``keel.watch.watchdog``; these functions carry them out through the
 backend, record them (events, the budget, the run's end) and never raise for a backend failure.
@@ -13,8 +14,9 @@ from keel.control.base import ControlError, ProcessInfo
 from keel.host.sampling import ResourceSample
 from keel.status.models import ProcessStatus, State
 from keel.status.snapshot import StatusWriter
-from keel.watch.end_evidence import end_run, give_up_if_same_crash
-from keel.watch.health import HealthVerdict, Identity, identity
+from keel.watch.end_evidence import evidence
+from keel.watch.endings import EndState, classify
+from keel.watch.health import HealthVerdict, Identity, Level, identity
 from keel.watch.state import Watched
 
 if TYPE_CHECKING:
@@ -96,3 +98,39 @@ def mark_failed(wd: "Watchdog", w: Watched, v: HealthVerdict) -> None:
             pass
         finally:
             writer.close()
+
+
+def end_run(wd: "Watchdog", w: Watched, info: ProcessInfo | None, *, action: str | None = None, rule: str | None = None,
+            reason: str | None = None) -> EndState:
+    """Classify the end of ``w``'s tracked run (``w.incarnation``), publish it (event ``ended``) and remember it."""
+    ev = evidence(name=w.name, pid=w.incarnation, info=info, backend=wd.backend, run_dir=wd.settings.run_dir,
+                  status_names=w.config.status_names, statuses=w.statuses, run=w.run,
+                  memory_limit=w.config.limits.memory_bytes, watchdog_action=action, watchdog_rule=rule,
+                  watchdog_reason=reason)
+    end = classify(ev)
+    w.end = end
+    w.crashes.record(end, wd.settings.same_crash)
+    wd.emit(process=w.name, action="ended", reason=end.summary, end=end.reason, pid=end.pid,
+            exit_code=end.exit_code, signal=end.signal, exception=end.exception, step=end.step)
+    return end
+
+
+def run_ended(wd: "Watchdog", w: Watched, info: ProcessInfo | None, now: float) -> bool:
+    """The tracked run is gone (not by the watchdog's hand): classify it; True when that made the watchdog
+    give up (the same crash after ``same_crash.resumes`` resumes: keel.watch.crashes)."""
+    end_run(wd, w, info)
+    return give_up_if_same_crash(wd, w, info, now)
+
+
+def give_up_if_same_crash(wd: "Watchdog", w: Watched, info: ProcessInfo | None, now: float) -> bool:
+    """Give up (stop, mark failed, alert) when the last runs crashed the same way; True if it did.
+
+    Also called after the watchdog's own restart of a run that reported state=failed before the
+    backend noticed its exit: the crash is the same, whoever restarted it."""
+    why = w.crashes.same_crash(wd.settings.same_crash)
+    if why is None or w.budget.gave_up or w.config.restart.policy == "never":
+        return False
+    verdict = HealthVerdict(Level.UNHEALTHY, why, "same_crash")
+    w.verdict = verdict
+    give_up(wd, w, verdict, info, len(w.budget.restarts), now, why)
+    return True

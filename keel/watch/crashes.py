@@ -17,10 +17,10 @@ from __future__ import annotations
 
 from dataclasses import dataclass, field
 
-from keel.config.endings import SameCrashSettings
+from keel.render.contract import SameCrash
 from keel.watch.endings import End, EndState
 
-__all__ = ["Crash", "CrashStreak", "SameCrashSettings"]
+__all__ = ["Crash", "CrashStreak"]
 
 
 @dataclass(frozen=True)
@@ -35,7 +35,7 @@ class CrashStreak:
 
     crashes: list[Crash] = field(default_factory=list)
 
-    def record(self, end: EndState, settings: SameCrashSettings) -> None:
+    def record(self, end: EndState, settings: SameCrash) -> None:
         """Take one run's end into account."""
         if end.reason != End.CRASHED.value or end.step is None or not end.exception:
             self.crashes.clear()  # not a reproducible crash: the streak is broken
@@ -43,7 +43,7 @@ class CrashStreak:
         self.crashes.append(Crash(end.step, end.exception))
         del self.crashes[:-(settings.resumes + 1)]
 
-    def same_crash(self, settings: SameCrashSettings) -> str | None:
+    def same_crash(self, settings: SameCrash) -> str | None:
         """The give-up reason once the last ``resumes + 1`` runs crashed the same way, else None."""
         if not settings.enabled:
             return None

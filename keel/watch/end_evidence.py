@@ -4,7 +4,7 @@ Sources, each optional (a backend or host may not say):
 
 - the backend: its state when the end was noticed, and the exit code or killing
   signal (supervisord: its own log's "exited: <program> (terminated by SIGKILL...)"
-  line after the run's "spawned: ... with pid N", through ``exit_of``; systemd:
+  line after the run's "spawned: ... with pid N", through ``ControlBackend.last_exit``; systemd:
   ExecMainCode/ExecMainStatus in ``ProcessInfo.exit_signal``/``exit_status``);
 - the process's own exit record (``keel.status.exits``), only when it names the pid;
 - the last status of that pid (its ``last_error``);
@@ -21,16 +21,15 @@ from __future__ import annotations
 import re
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Callable, Iterable
+from typing import Any, Iterable
 
 from keel.control.base import ControlError, ProcessInfo
 from keel.host.sampling import ResourceSample
 from keel.status.exits import read_exit_record
 from keel.status.models import ProcessStatus
-from keel.watch.endings import EndEvidence, EndState, classify
-from keel.watch.health import HealthVerdict, Level
+from keel.watch.endings import EndEvidence
 
-__all__ = ["RunTrack", "cgroup_of", "end_run", "evidence", "give_up_if_same_crash", "run_ended", "oom_kill_count", "parse_oom_kill", "parse_supervisord_exit", "track"]
+__all__ = ["RunTrack", "cgroup_of", "evidence", "oom_kill_count", "parse_oom_kill", "track"]
 
 CGROUP_ROOT = Path("/sys/fs/cgroup")
 
@@ -97,50 +96,17 @@ def track(t: RunTrack, pid: int | None, sample: ResourceSample | None) -> None:
         t.rss_bytes = tree.rss_bytes
 
 
-_SPAWNED = re.compile(r"spawned: '(?P<prog>[^']+)' with pid (?P<pid>\d+)")
-_ENDED = re.compile(r"(?:exited|stopped): (?P<prog>\S+) \((?P<how>[^;)]*)")
-
-
-def parse_supervisord_exit(log_text: str, program: str, pid: int | None) -> tuple[int | None, str | None] | None:
-    """(exit code, signal) of ``program``'s run ``pid`` from supervisord's log, or None when not found.
-
-    The run's line is the first "exited:"/"stopped:" line of the program after its
-    "spawned: ... with pid N" line (pid None: the program's last such line).
-    """
-    lines = log_text.splitlines()
-    start = 0
-    if pid is not None:
-        spawned = [i for i, line in enumerate(lines)
-                   if (m := _SPAWNED.search(line)) and m["prog"] == program and int(m["pid"]) == pid]
-        if not spawned:
-            return None
-        start = spawned[-1] + 1
-    found = [m for line in lines[start:] if (m := _ENDED.search(line)) and m["prog"] == program]
-    if not found:
-        return None
-    how = (found[0] if pid is not None else found[-1])["how"]
-    if m := re.match(r"exit status (-?\d+)", how):
-        return int(m.group(1)), None
-    if m := re.match(r"terminated by (SIG[A-Z0-9]+)", how):
-        return None, m.group(1)
-    return None
-
-
 def _backend_exit(backend: Any, name: str, info: ProcessInfo | None, pid: int | None) -> tuple[int | None, str | None]:
-    log_tail: Callable[[], str] | None = getattr(backend, "main_log_tail", None)
-    program = getattr(backend, "programs", {}).get(name)
-    if log_tail is not None and program is not None:
-        try:
-            found = parse_supervisord_exit(log_tail(), program, pid)
-        except ControlError:
-            found = None
-        if found is not None:
-            return found
+    try:
+        found = backend.last_exit(name, pid)  # the backend's own record of that run (supervisord: its log)
+    except ControlError:
+        found = None
+    if found is not None:
+        return found
     if info is None or info.state not in ("EXITED", "STOPPED", "FATAL"):
         return None, None  # a restarting backend's exit status belongs to no run yet
-    sig = getattr(info, "exit_signal", None)
-    if sig is not None:
-        return None, sig
+    if info.exit_signal is not None:
+        return None, info.exit_signal
     code = info.exit_status
     return (None, None) if code is None or code < 0 else (code, None)
 
@@ -172,45 +138,3 @@ def evidence(
         watchdog_rule=watchdog_rule, watchdog_reason=watchdog_reason, oom_kills=oom,
         rss_bytes=run.rss_bytes if run.pid == pid else None, memory_limit=memory_limit,
     )
-
-
-# -- the watchdog's hooks (``wd``: the Watchdog, ``w``: its Watched record; duck-typed: state.py imports this module)
-
-
-def end_run(wd: Any, w: Any, info: ProcessInfo | None, *, action: str | None = None, rule: str | None = None,
-            reason: str | None = None) -> EndState:
-    """Classify the end of ``w``'s tracked run (``w.incarnation``), publish it (event ``ended``) and remember it."""
-    ev = evidence(name=w.name, pid=w.incarnation, info=info, backend=wd.backend, run_dir=wd.settings.run_dir,
-                  status_names=w.config.status_names, statuses=w.statuses, run=w.run,
-                  memory_limit=w.config.limits.memory_bytes, watchdog_action=action, watchdog_rule=rule,
-                  watchdog_reason=reason)
-    end = classify(ev)
-    w.end = end
-    w.crashes.record(end, wd.settings.same_crash)
-    last = w.last_action
-    wd.emit(process=w.name, action="ended", reason=end.summary, end=end.reason, pid=end.pid,
-            exit_code=end.exit_code, signal=end.signal, exception=end.exception, step=end.step)
-    if action is not None:
-        w.last_action = last  # the watchdog's own action stays the last action; the end is its consequence
-    return end
-
-
-def run_ended(wd: Any, w: Any, info: ProcessInfo | None, now: float) -> bool:
-    """The tracked run is gone (not by the watchdog's hand): classify it; True when that made the watchdog
-    give up (the same crash after ``same_crash.resumes`` resumes: keel.watch.crashes)."""
-    end_run(wd, w, info)
-    return give_up_if_same_crash(wd, w, info, now)
-
-
-def give_up_if_same_crash(wd: Any, w: Any, info: ProcessInfo | None, now: float) -> bool:
-    """Give up (stop, mark failed, alert) when the last runs crashed the same way; True if it did.
-
-    Also called after the watchdog's own restart of a run that reported state=failed before the
-    backend noticed its exit: the crash is the same, whoever restarted it."""
-    why = w.crashes.same_crash(wd.settings.same_crash)
-    if why is None or w.budget.gave_up or w.config.restart.policy == "never":
-        return False
-    verdict = HealthVerdict(Level.UNHEALTHY, why, "same_crash")
-    w.verdict = verdict
-    wd._give_up(w, verdict, info, len(w.budget.restarts), now, why=why)
-    return True

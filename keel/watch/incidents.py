@@ -23,13 +23,15 @@ from pathlib import Path
 from typing import Any
 
 from keel.fs.atomic import atomic_write_text, fsync_dir
+from keel.fs.tail import last_lines
+from keel.status.paths import INCIDENTS_DIR
 from keel.watch.stacks import ProcessStacks, format_stacks, stuck_thread, user_frame
 
-__all__ = ["INCIDENTS_DIR", "Incident", "incident_id", "list_incidents", "load_incident", "prune",
-           "tail_jsonl", "tail_lines", "write_incident"]
+__all__ = ["Incident", "incident_id", "list_incidents", "load_incident", "newest_bundle", "newest_incident", "prune",
+           "stuck_words", "tail_jsonl", "tail_lines", "write_incident"]
 
-INCIDENTS_DIR = "incidents"
 SUMMARY = "summary.json"
+BUNDLE_FILES = (SUMMARY, "stacks.txt", "stacks.json", "log.txt", "metrics.jsonl")  # write_incident writes these
 _TEMP_PREFIX = ".tmp-"
 _STALE_TEMP_AGE = 3600.0  # a temp dir this old is a writer killed mid-write, not one at work
 
@@ -82,7 +84,7 @@ class Incident:
                         "errors": s.errors} for s in self.stacks],
             "status": self.status, "resources": self.resources, "log_file": self.log_file,
             "log_lines": len(self.log), "metrics_records": len(self.metrics), "notes": self.notes,
-            "files": ["summary.json", "stacks.txt", "stacks.json", "log.txt", "metrics.jsonl"],
+            "files": list(BUNDLE_FILES),
         }
 
 
@@ -142,17 +144,37 @@ def prune(root: Path, keep: int, *, now: float | None = None) -> list[str]:
     return removed
 
 
+def _summary(p: Path) -> dict[str, Any]:
+    try:
+        summary = json.loads((p / SUMMARY).read_text())
+    except (OSError, ValueError) as exc:
+        summary = {"id": p.name, "error": f"unreadable {SUMMARY}: {exc}"}
+    summary["path"] = str(p)
+    return summary
+
+
 def list_incidents(run_dir: str | os.PathLike) -> list[dict[str, Any]]:
     """Every bundle's summary, newest first; an unreadable summary is listed with its error."""
-    out = []
-    for p in reversed(_bundles(incidents_dir(run_dir))):
-        try:
-            summary = json.loads((p / SUMMARY).read_text())
-        except (OSError, ValueError) as exc:
-            summary = {"id": p.name, "error": f"unreadable {SUMMARY}: {exc}"}
-        summary["path"] = str(p)
-        out.append(summary)
-    return out
+    return [_summary(p) for p in reversed(_bundles(incidents_dir(run_dir)))]
+
+
+def newest_bundle(run_dir: str | os.PathLike) -> str | None:
+    """The newest bundle's id (one directory listing, no summary read), or None."""
+    bundles = _bundles(incidents_dir(run_dir))
+    return bundles[-1].name if bundles else None
+
+
+def newest_incident(run_dir: str | os.PathLike) -> dict[str, Any] | None:
+    """The newest bundle's summary (with its ``path``), or None: one listing and one file read."""
+    bundles = _bundles(incidents_dir(run_dir))
+    return _summary(bundles[-1]) if bundles else None
+
+
+def stuck_words(stuck: dict[str, Any] | None) -> str:
+    """"stuck in f (file:line)" from a summary's ``stuck``, or "no stacks": the words every reader shows."""
+    if not stuck or not stuck.get("function"):
+        return "no stacks"
+    return f"stuck in {stuck['function']} ({stuck['file']}:{stuck['line']})"
 
 
 def load_incident(run_dir: str | os.PathLike, incident: str) -> tuple[dict[str, Any], dict[str, str]]:
@@ -184,23 +206,12 @@ def load_incident(run_dir: str | os.PathLike, incident: str) -> tuple[dict[str, 
 # -- tails, read without loading whole files ------------------------------------------------------
 
 
-def tail_lines(path: str | os.PathLike, count: int, block: int = 65536) -> list[str]:
-    """The last ``count`` lines of a file ([] when missing)."""
-    if count <= 0:
-        return []
+def tail_lines(path: str | os.PathLike, count: int) -> list[str]:
+    """The last ``count`` lines of a file ([] when missing or unreadable: a bundle notes what it lacks)."""
     try:
-        with open(path, "rb") as handle:
-            handle.seek(0, os.SEEK_END)
-            size = handle.tell()
-            data = b""
-            while size > 0 and data.count(b"\n") <= count:
-                step = min(block, size)
-                size -= step
-                handle.seek(size)
-                data = handle.read(step) + data
+        return last_lines(path, count)
     except OSError:
         return []
-    return data.decode("utf-8", "replace").splitlines()[-count:]
 
 
 def tail_jsonl(path: str | os.PathLike, count: int) -> list[dict[str, Any]]:

@@ -26,8 +26,8 @@ import psutil
 
 from keel.render.contract import ContractError, Incidents, StackFile, StackProcess, load_process_file
 from keel.status.paths import metrics_path
-from keel.watch.incidents import Incident, incident_id, tail_jsonl, tail_lines, write_incident
-from keel.watch.stacks import ProcessStacks, capture_faulthandler, capture_py_spy, find_py_spy, stuck_thread, user_frame
+from keel.watch.incidents import Incident, incident_id, stuck_words, tail_jsonl, tail_lines, write_incident
+from keel.watch.stacks import ProcessStacks, capture_faulthandler, capture_py_spy, find_py_spy
 
 __all__ = ["CAPTURED_RULES", "IncidentRecorder", "capture", "settings_from_stack"]
 
@@ -204,6 +204,12 @@ class IncidentRecorder:
             self._emit(process=w.name, action="incident_failed", reason=why, verdict=v, pid=pid)
         return False
 
+    def settle(self, name: str, rule: str) -> None:
+        """After each verdict: a capture pending for ``name`` whose hang is over (the rule is no longer one
+        that captures) is dropped, so a later hang gets fresh stacks, not this stale bundle."""
+        if rule not in CAPTURED_RULES:
+            self._pending.pop(name, None)
+
     def event_fields(self, name: str) -> dict[str, Any]:
         """``{"incident": path}`` for the restart/give-up event of ``name`` (once), or {} without an incident."""
         return self._ready.pop(name, {})
@@ -221,20 +227,18 @@ class IncidentRecorder:
 
 def describe(inc: Incident) -> str:
     """One line for the event: where it was stuck, and how the stacks were got."""
-    t = stuck_thread(inc.stacks)
-    f = user_frame(t) if t is not None else None
-    where = f"stuck in {f.function} ({f.where()})" if f is not None else "no stacks"
+    where = stuck_words(inc.summary()["stuck"])
     methods = sorted({s.method for s in inc.stacks if s.method}) or ["none"]
     return f"incident {inc.id}: {where}; stacks via {'/'.join(methods)} in {inc.capture_seconds:.2f}s"
 
 
-def capture_on_demand(stack: StackFile, process: str, pid: int, statuses: list[Any], sample: Any,
-                      run_dir: Path) -> tuple[Path, Incident]:
-    """``bin/launch incident ENV PROCESS``: one bundle now, synchronously, without a kill."""
+def capture_on_demand(stack: StackFile, process: str, pid: int, statuses: list[Any], sample: Any) -> Path:
+    """``bin/launch incident ENV PROCESS``: one bundle now, synchronously, without a kill; its directory."""
+    run_dir = Path(stack.paths.run_dir)
     settings = settings_from_stack(stack)
     if settings is None:
         raise LookupError("no watchdog in this stack (or its resolved file is unreadable): no incident settings")
     req = Request(process, stack.processes[process], pid, {"level": "on_demand", "rule": "on_demand",
                   "reason": "requested by an operator"}, "on_demand", _status_json(statuses), _sample_json(sample, pid))
     inc = capture(req, settings, run_dir, wall=time.time())
-    return write_incident(run_dir, inc, settings.keep), inc
+    return write_incident(run_dir, inc, settings.keep)

@@ -6,11 +6,10 @@ keel.render.contract reads and checks the file; every value here comes from it
 
 from __future__ import annotations
 
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
 
-from keel.config.endings import SameCrashSettings
-from keel.render.contract import ContractError, Incidents, ProcessFile
+from keel.render.contract import ContractError, Incidents, ProcessFile, SameCrash
 
 
 @dataclass(frozen=True)
@@ -31,8 +30,8 @@ class WatchdogSettings:
     jitter: str
     log_format: str
     log_level: str
-    same_crash: SameCrashSettings | object = field(default_factory=SameCrashSettings)  # keel.watch.crashes
-    incidents: Incidents | None = None  # keel.watch.recorder; None (a hand-built settings in a test): no capture
+    same_crash: SameCrash  # keel.watch.crashes
+    incidents: Incidents | None  # keel.watch.recorder; None: no incident capture
 
     @classmethod
     def from_process_file(cls, resolved: ProcessFile, where: str) -> WatchdogSettings:

@@ -24,12 +24,11 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any, Callable
 
+from keel.status.paths import STACKDUMP_HEADER_RE, stackdump_path
+
 __all__ = ["Frame", "ProcessStacks", "Thread", "capture_faulthandler", "capture_py_spy", "find_py_spy",
            "format_stacks", "order_threads", "parse_faulthandler", "parse_py_spy", "stuck_thread"]
 
-# trainer/stackdump.py writes here; the header line names the signal (the trainer owns the choice).
-STACKDUMP_DIR = "stackdump"
-_HEADER = re.compile(r"^# keel stackdump pid=(\d+) signal=(\d+) registered=([\d.]+)$")
 _FH_THREAD = re.compile(r"^(Current thread|Thread) (0x[0-9a-f]+) \(most recent call first\):$")
 _FH_FRAME = re.compile(r'^\s+File "(.*)", line (\d+) in (.*)$')
 
@@ -202,15 +201,11 @@ def capture_py_spy(exe: str, pid: int, timeout: float, *, frozen: bool) -> tuple
         return [], f"unreadable py-spy output: {exc}"
 
 
-def dump_file(run_dir: Path, pid: int) -> Path:
-    return run_dir / STACKDUMP_DIR / f"{pid}.txt"
-
-
 def capture_faulthandler(run_dir: Path, pid: int, create_time: float | None, timeout: float, *, frozen: bool,
                          clock: Callable[[], float] = time.monotonic,
                          sleep: Callable[[float], None] = time.sleep) -> tuple[list[Thread], str | None]:
     """Signal a registered process to dump its stacks (trainer/stackdump.py) and read them within ``timeout``."""
-    path = dump_file(run_dir, pid)
+    path = stackdump_path(run_dir, pid)
     try:
         with open(path, encoding="utf-8", errors="replace") as f:
             header = f.readline().strip()
@@ -218,7 +213,7 @@ def capture_faulthandler(run_dir: Path, pid: int, create_time: float | None, tim
             offset = f.tell()
     except OSError:
         return [], f"no faulthandler registration ({path} missing: not a keel trainer, or it is still starting)"
-    m = _HEADER.match(header)
+    m = STACKDUMP_HEADER_RE.match(header)
     if not m or int(m.group(1)) != pid:
         return [], f"{path}: not a stackdump header: {header[:80]!r}"
     if create_time is not None and create_time > float(m.group(3)) + 1.0:

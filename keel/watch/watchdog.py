@@ -49,7 +49,7 @@ from keel.status.paths import EVENTS_FILE
 from keel.watch.state import STATE_FILE, LastAction, Watched, load_state, state_data, write_state
 from keel.watch.verdicts import judge
 from keel.watch.training_rules import PollCounters
-from keel.watch.end_evidence import run_ended, track
+from keel.watch.end_evidence import track
 from keel.watch.recorder import IncidentRecorder
 from keel.watch import actions
 
@@ -243,8 +243,8 @@ class Watchdog:
             w.own_restart = False
             w.backend_pid = backend_pid
         w.backend_restarts = [t for t in w.backend_restarts if now - t < window]
-        if current != w.incarnation and w.incarnation is not None and run_ended(self, w, info, now):
-            return  # keel.watch.end_evidence: the run's end classified; the same crash again made it give up
+        if current != w.incarnation and w.incarnation is not None and actions.run_ended(self, w, info, now):
+            return  # keel.watch.actions.run_ended: the run's end classified; the same crash again made it give up
         track(w.run, current, sample)
         if current != w.incarnation:  # a new run (or none): fresh grace, fresh counters
             w.incarnation, w.running_since = current, (now if current is not None else None)
@@ -256,6 +256,7 @@ class Watchdog:
         v, verdicts = judge(w.statuses, sample, w.config, now, ctx)
         self.training_polls.update(w.name, current, w.statuses, sample, w.config)
         w.verdict = v
+        self.recorder.settle(w.name, v.rule)
         w.rss_over = w.rss_over + 1 if any(x.rule == "rss_over_limit" for x in verdicts) else 0
         w.gpu_over = w.gpu_over + 1 if any(x.rule == "gpu_memory_over_limit" for x in verdicts) else 0
 

@@ -186,7 +186,9 @@ def test_a_frozen_trainer_is_read_by_py_spy_while_stopped_then_restarted(stack):
     main = inc["stacks"][0]
     assert main["state"] == "stopped" and main["method"] == "py-spy", inc["stacks"]
     assert any("step_until_frozen_from_outside" in f for f in inc["stuck"]["frames"]), inc["stuck"]
-    assert s.events("t", "signal")  # SIGCONT came after the capture, before the restart
+    (sigcont,) = s.events("t", "signal")  # SIGCONT came after the capture, before the restart
+    (captured,), restart = s.events("t", "incident"), s.events("t", "restart")[0]
+    assert "SIGCONT" in sigcont["reason"] and captured["mono"] <= sigcont["mono"] <= restart["mono"]
     wait_until(lambda: s.running_pid("t") not in (None, pid), 60, what="new trainer")
 
 

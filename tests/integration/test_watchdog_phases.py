@@ -17,7 +17,7 @@ import pytest
 
 from keel.status.models import ProcessStatus, WatchdogStatus
 from keel.status.reader import StatusReader
-from tests.integration.test_watchdog import POLL, stack  # noqa: F401 - the fixture
+from tests.integration.test_watchdog import stack  # noqa: F401 - the fixture
 from tests.support import REPO_ROOT, wait_until
 
 pytestmark = pytest.mark.slow
@@ -91,6 +91,11 @@ def _watchdog_entry(run_dir: Path, name: str):
     return st.payload.processes.get(name)
 
 
+def _last_poll(run_dir: Path):
+    st = StatusReader(run_dir).read("watchdog")
+    return st.payload.last_poll if isinstance(st, ProcessStatus) and isinstance(st.payload, WatchdogStatus) else None
+
+
 def test_a_starved_trainer_is_warned_about_never_restarted_and_shown_by_bin_status(stack, tmp_path):
     s = stack({"t1": trainer("starved_entry")})
     ev = wait_until(lambda: [e for e in s.events("t1", "observed") if e["rule"] == "data_starved"], 60,
@@ -100,7 +105,10 @@ def test_a_starved_trainer_is_warned_about_never_restarted_and_shown_by_bin_stat
                        what="published verdict")
     assert entry.health == "degraded"
     pid = s.running_pid("t1")
-    time.sleep(4 * POLL)  # polls while it stays starved: still only a warning
+    # four more polls while it stays starved (the watchdog's own last_poll moves): still only a warning
+    polls: set = set()
+    wait_until(lambda: polls.add(_last_poll(s.run_dir)) or len(polls - {None}) > 4, 60, interval=0.1,
+               what="four more watchdog polls")
     assert not s.events("t1", "restart") and s.running_pid("t1") == pid
     (tmp_path / "builds").mkdir()
     (tmp_path / "builds" / "test").symlink_to(s.build)  # bin/status finds $KEEL_BUILD_ROOT/<env>/keel.json

@@ -2,11 +2,11 @@
 
 from __future__ import annotations
 
-from keel.config.endings import SameCrashSettings
+from keel.render.contract import SameCrash
 from keel.watch.crashes import CrashStreak
 from keel.watch.endings import EndState
 
-S = SameCrashSettings(resumes=2, steps=3)
+S = SameCrash(enabled=True, resumes=2, steps=3)
 
 
 def crashed(step: int | None, exc: str | None = "ValueError: boom") -> EndState:
@@ -44,7 +44,7 @@ def test_a_plain_command_without_step_or_exception_never_qualifies():
 
 def test_disabled_never_gives_up_and_the_streak_round_trips():
     s = streak(crashed(5), crashed(5), crashed(5))
-    assert s.same_crash(SameCrashSettings(enabled=False, resumes=2)) is None
+    assert s.same_crash(SameCrash(enabled=False, resumes=2, steps=5)) is None
     back = CrashStreak.from_list(s.to_list())
     assert back == s and back.same_crash(S) is not None
     assert CrashStreak.from_list([{"bad": 1}, None]).crashes == []

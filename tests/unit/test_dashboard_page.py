@@ -312,3 +312,24 @@ def test_the_browser_sends_nothing_back_and_new_data_is_pushed_after_each_cycle(
     cycle(c)
     assert calls == [c.generation - 2, c.generation - 1]
     c.runner.close()
+
+
+def test_sessions_share_one_drawn_frame_per_change(run_dir, monkeypatch):
+    # Downsampling a long History is the page's dearest step: N sessions must pay it once, not N times.
+    import dashboard.curves as curves
+
+    cfg, rep = run_dir
+    c = Collector(cfg)
+    cycle(c)
+    calls = []
+    real = curves.frame
+    monkeypatch.setattr(curves, "frame", lambda *a, **k: calls.append(a[1]) or real(*a, **k))
+    views = [make_doc(Document(), c) for _ in range(3)]
+    assert calls == ["trainer"]  # the first session drew it, the other two reused it
+    rep.metrics([{"step": 31, "loss": 0.5}])
+    cycle(c)
+    for view in views:
+        view.update()
+    assert calls == ["trainer", "trainer"]
+    assert all(v.plots.sources["trainer/loss"].data["step"][-1] == 31.0 for v in views)
+    c.runner.close()

@@ -7,7 +7,8 @@ from pathlib import Path
 import pytest
 
 from keel.status.exits import exit_record_for, read_exit_record, write_exit_record
-from keel.watch.end_evidence import cgroup_of, parse_oom_kill, parse_supervisord_exit
+from keel.control.supervisord import parse_supervisord_exit
+from keel.watch.end_evidence import cgroup_of, parse_oom_kill
 from keel.watch.endings import END_REASONS, End, EndEvidence, EndState, classify
 
 MIB = 2**20
@@ -108,8 +109,9 @@ def test_an_exit_record_names_its_pid_exception_and_step(tmp_path: Path):
     assert back is not None and back.exception == "ValueError: boom at 5" and back.step == 5
     assert "raise ValueError" in (back.traceback or "")
     assert read_exit_record(tmp_path, "trainer", record.pid + 1) is None  # another run's end is not this run's
+    assert read_exit_record(tmp_path, "trainer", None) is None  # a run with no pid has no record (not the last one)
     (tmp_path / "trainer.exit.json").write_text("{half")
-    assert read_exit_record(tmp_path, "trainer") is None
+    assert read_exit_record(tmp_path, "trainer", record.pid) is None
 
 
 def test_a_run_that_reported_failed_and_was_restarted_by_the_watchdog_still_crashed():

@@ -131,3 +131,16 @@ def test_the_page_panel_shows_the_newest_incident_and_its_stuck_frames(tmp_path)
     panel.refresh()
     assert newest.name in panel.div.text and "old" not in panel.div.text
     assert "wait_for_the_lock_that_never_comes (/srv/app/train.py:4)" in panel.div.text
+
+
+def test_a_capture_left_pending_by_a_hang_that_ended_is_dropped(tmp_path):
+    # A hang that recovers before its restart leaves its capture behind; a later hang of the same pid
+    # must get fresh stacks, not that stale bundle.
+    from keel.watch.recorder import IncidentRecorder, _Pending
+
+    rec = IncidentRecorder(None, tmp_path, emit=lambda **_: None)
+    rec._pending["trainer"] = _Pending(123, 0.0)
+    rec.settle("trainer", "progress_stale")  # still hung: the capture is still wanted
+    assert "trainer" in rec._pending
+    rec.settle("trainer", "ok")
+    assert "trainer" not in rec._pending

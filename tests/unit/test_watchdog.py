@@ -20,6 +20,7 @@ from keel.status.models import ProcessStatus, State
 from keel.host.sampling import ResourceSampler
 from keel.status.reader import StatusReader
 from keel.status.snapshot import StatusWriter
+from keel.render.contract import SameCrash
 from keel.watch.watchdog import EVENTS_FILE, STATE_FILE, Watchdog, WatchdogSettings
 from keel.render.resolve import stack_file
 from tests.resolved import make_config, make_context
@@ -74,7 +75,8 @@ def env(tmp_path):
     settings = WatchdogSettings(name="watchdog", run_dir=run_dir, stack=tmp_path / "keel.json", poll_interval=2.0,
                                 rss_consecutive_polls=3, stable_after=60.0, alert_command=None, alert_timeout=10.0,
                                 prometheus_textfile=run_dir / "keel.prom", prometheus_interval=5.0,
-                                heartbeat_interval=2.0, jitter="none", log_format="text", log_level="INFO")
+                                heartbeat_interval=2.0, jitter="none", log_format="text", log_level="INFO",
+                                same_crash=SameCrash(enabled=True, resumes=3, steps=5), incidents=None)
     clock = Clock()
     backend = FakeBackend(on_start=lambda name: ME)
     backend.add("w1", "RUNNING", pid=ME)
