@@ -17,19 +17,16 @@ import logging
 import socket
 import time
 from datetime import datetime, timezone
-from pathlib import Path
 from typing import Any, Callable
 
 from dashboard.aio import BlockingRunner, TaskSet
 from keel.status.models import DashboardState, ProcessStatus, State
-from keel.host.sampling import ResourceSample, ResourceSampler
-from keel.status.jsonl_tail import JsonlTail
-from keel.status.reader import StatusReader
+from keel.host.sampling import ResourceSample
 from keel.status.results import ReadError, Stale
 
 from dashboard.config import DashboardConfig
 from dashboard.history import FULL_RES_POINTS, History
-from dashboard.logtail import LogTail
+from dashboard.rundir import RunDirReader
 from dashboard.present import Verdict, error_label, event_line, overall, process_rows
 from dashboard.watcher import Cycle, Pacer, RunDirWatcher, kept_errors, nothing, wait_any
 from keel.watch.verdicts import BY_WATCHDOG, ProcessHealth, health_from_files
@@ -44,7 +41,6 @@ RESOURCE_COLUMNS = ("t", "host_cpu", "host_mem_pct")
 PROC_FIELDS = ("cpu", "rss_mb")
 GPU_FIELDS = ("util", "mem_pct", "temp", "power")
 EVENTS_KEPT = 200
-METRICS_PER_CYCLE = 20_000  # catch up on a long file over several cycles, not in one hung read
 STATS_EVERY_S = 30.0  # seconds between "refresh_stats" log lines (the bench reads them)
 
 
@@ -56,58 +52,6 @@ def proc_column(field: str, name: str) -> str:
 def gpu_column(field: str, index: int) -> str:
     """The resources column of one GPU's ``field`` (a ``GPU_FIELDS`` member)."""
     return f"gpu_{field}:{index}"
-
-
-class RunDirReader:
-    """The blocking side. Each method is called from one worker thread at a time."""
-
-    def __init__(self, cfg: DashboardConfig, sampler: ResourceSampler | None = None) -> None:
-        self.cfg = cfg
-        self.status_reader = StatusReader(cfg.run_dir)
-        self.metric_tails: dict[str, JsonlTail] = {}
-        self.events_tail = JsonlTail(Path(cfg.run_dir) / "watchdog.events.jsonl")
-        self.sampler = sampler or ResourceSampler()
-        self.log_tails = {
-            p.name: LogTail(p.log_file, cfg.log_tail_lines) for p in cfg.processes if p.log_file
-        }
-
-    def scan(self) -> dict[str, ProcessStatus | ReadError]:
-        return self.status_reader.scan()
-
-    def metrics(self, names: list[str]) -> tuple[dict[str, list[dict]], dict[str, str]]:
-        """New records per stream, and an error per stream that failed (others go on)."""
-        out: dict[str, list[dict]] = {}
-        errors: dict[str, str] = {}
-        for name in names:
-            tail = self.metric_tails.get(name)
-            if tail is None:
-                tail = self.metric_tails[name] = JsonlTail(Path(self.cfg.run_dir) / f"{name}.metrics.jsonl")
-            try:
-                out[name] = tail.read_new(max_records=METRICS_PER_CYCLE)
-            except Exception as exc:  # noqa: BLE001 - one bad stream must not hide the others
-                errors[f"metrics {name}"] = f"{type(exc).__name__}: {exc}"
-        return out, errors
-
-    def events(self) -> list[dict]:
-        return self.events_tail.read_new(max_records=10_000)
-
-    def sample(self, pids: list[int]) -> ResourceSample:
-        return self.sampler.sample(pids)
-
-    def logs(self) -> dict[str, list[str]]:
-        out: dict[str, list[str]] = {}
-        for name, tail in self.log_tails.items():
-            try:
-                out[name] = tail.read()
-            except OSError as exc:
-                out[name] = [f"(cannot read {tail.path}: {exc.strerror or exc})"]
-        return out
-
-    def close(self) -> None:
-        for t in self.metric_tails.values():
-            t.close()
-        self.events_tail.close()
-        self.sampler.close()
 
 
 def _utc_now() -> datetime:
@@ -146,7 +90,17 @@ class Collector:
         self.gpu_error: str | None = None
         self.events: collections.deque[tuple[int, str]] = collections.deque(maxlen=EVENTS_KEPT)
         self._event_serial = 0
-        self.event_records: collections.deque[dict] = collections.deque(maxlen=EVENTS_KEPT)  # raw, for the curves
+        # (serial, record) of the watchdog's events and the trainers' own event records (checkpoint, resume...,
+        # tagged with their ``stream``): the markers on the curves (dashboard.curve_events)
+        self.event_records: collections.deque[tuple[int, dict]] = collections.deque(maxlen=EVENTS_KEPT)
+        # The runs archive and the newest incident, read off the loop when they change (dashboard.rundir);
+        # a serial bumps on each change, so a session redraws its panel only then.
+        self.runs: list[Any] = []
+        self.runs_serial = 0
+        self.incident: dict[str, Any] | None = None
+        self.incident_serial = 0
+        # Each stream's drawn curves (dashboard.curves.Frame) at a History serial: computed once for all sessions.
+        self.frames: dict[str, tuple[int, Any]] = {}
         # Health is the watchdog's published verdict (keel.watch.verdicts), or judged here with the same rules
         # when it is not reporting (``watchdog_why`` says why): never counted or judged by rules of our own.
         self.health: dict[str, ProcessHealth] = {}
@@ -251,11 +205,13 @@ class Collector:
             self.statuses = statuses
         names = self._metric_names()
         pids = sorted({s.pid for s in self._live_statuses() if s.host == self.host_name})
-        metrics, events, sample, logs = await asyncio.gather(
+        metrics, events, sample, logs, runs, incident = await asyncio.gather(
             self._guard("metrics", self.reader.metrics, names),
             self._guard("events", self.reader.events),
             self._guard("resources", self.reader.sample, pids) if kind is Cycle.FULL else nothing(),
             self._guard("logs", self.reader.logs) if full else nothing(),
+            self._guard("runs", self.reader.runs) if full else nothing(),
+            self._guard("incidents", self.reader.incident),
         )
         now_mono, now_wall = self._mono(), self._wall()
         if metrics is not None:
@@ -268,6 +224,10 @@ class Collector:
             self._apply_sample(sample, now_wall)
         if logs is not None:
             self.logs = logs
+        if runs is not None:
+            self.runs, self.runs_serial = runs[1], self.runs_serial + 1
+        if incident is not None:
+            self.incident, self.incident_serial = incident[1], self.incident_serial + 1
         for name, r in self.statuses.items():
             if isinstance(r, ReadError) and not isinstance(r, Stale):
                 self._new_errors[f"status {name or 'run dir'}"] = f"{error_label(r)}: {r.detail}"
@@ -333,12 +293,16 @@ class Collector:
             if h is None:
                 h = self.metrics[name] = History(METRIC_COLUMNS, FULL_RES_POINTS)
             h.extend(recs)
+            for rec in recs:
+                if "event" in rec:  # the trainer's own events (checkpoint, new run...): markers on its curves
+                    self._event_serial += 1
+                    self.event_records.append((self._event_serial, {**rec, "stream": name}))
 
     def _apply_events(self, events: list[dict]) -> None:
         for rec in events:
             self._event_serial += 1
             self.events.append((self._event_serial, event_line(rec)))
-            self.event_records.append(rec)
+            self.event_records.append((self._event_serial, rec))
 
     def _apply_sample(self, sample: ResourceSample, now_wall: datetime) -> None:
         """One row of ``resources``: a process or GPU absent from this sample gets NaN (a gap)."""
@@ -387,6 +351,20 @@ class Collector:
         self.watchdog_why = "" if why == BY_WATCHDOG else why
 
     # -------------------------------------------------------------- queries
+
+    def frame(self, stream: str, make: Callable[[], Any]) -> Any:
+        """The drawn curves of ``stream`` at its History's serial: made by the first session that needs them,
+        kept until the stream changes (so a tab opened later, or one more tab, costs no downsampling)."""
+        serial = self.metrics[stream].last_serial
+        kept = self.frames.get(stream)
+        if kept is None or kept[0] != serial:
+            kept = self.frames[stream] = (serial, make())
+        return kept[1]
+
+    @property
+    def events_serial(self) -> int:
+        """The serial of the newest event record (watchdog or trainer): sessions redraw markers when it moves."""
+        return self._event_serial
 
     def events_since(self, serial: int) -> list[tuple[int, str]]:
         """Events newer than ``serial`` (the deque is short; a scan is fine)."""

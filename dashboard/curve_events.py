@@ -47,7 +47,7 @@ def _wall_s(rec: Mapping[str, Any]) -> float:
 
 def classify(rec: Mapping[str, Any]) -> tuple[str, str] | None:
     """(kind, hover text) of a record worth a marker on the curves, or None."""
-    if "event" in rec and "action" not in rec:  # the trainer's own record
+    if "stream" in rec:  # the trainer's own record, tagged by the collector (it may carry an "action" of its own)
         name = str(rec.get("event"))
         kind = "checkpoint" if name.startswith("checkpoint") and "corrupt" not in name else "trainer"
         extra = ", ".join(f"{k}={v}" for k, v in rec.items() if k not in ("event", "t", "stream", "step"))
@@ -81,15 +81,13 @@ def markers(records: Iterable[Mapping[str, Any]], stream: str, step: np.ndarray,
     mine = {stream, *processes}
     out: list[Marker] = []
     for rec in records:
-        if "action" in rec:
-            if rec.get("process") not in mine:
-                continue
-        elif rec.get("stream") != stream:
+        trainer = "stream" in rec
+        if (rec.get("stream") != stream) if trainer else (rec.get("process") not in mine):
             continue
         got = classify(rec)
         if got is None:
             continue
-        at = rec.get("step") if "action" not in rec else None
+        at = rec.get("step") if trainer else None
         x = float(at) if isinstance(at, (int, float)) else nearest_step(_wall_s(rec), step, t)
         if math.isfinite(x):
             out.append(Marker(x, *got))

@@ -10,7 +10,6 @@ stays bounded whatever the run length.
 
 from __future__ import annotations
 
-import bisect
 import math
 from typing import Iterable, Mapping
 

@@ -22,7 +22,6 @@ counting the ones not logged, so a hostile page cannot flood the log.
 
 from __future__ import annotations
 
-import ipaddress
 import logging
 import time
 from typing import Any, Callable, Iterable
@@ -31,6 +30,8 @@ from bokeh.server.util import check_allowlist
 from tornado.httputil import HTTPServerRequest
 from tornado.routing import Matcher, Rule
 from tornado.web import Application, RequestHandler
+
+from keel.config.netaddr import is_loopback
 
 log = logging.getLogger("dashboard.hostcheck")
 LOG_EVERY_S = 60.0
@@ -48,23 +49,12 @@ def split_host(host: str) -> tuple[str, str | None]:
     return host, None  # a bare name, or a bare IPv6 literal (no brackets: no port)
 
 
-def is_loopback_host(name: str) -> bool:
-    """``localhost`` or a loopback IP literal. Never resolved: a name that resolves to
-    127.0.0.1 is exactly what a rebinding attack makes."""
-    if name.lower().rstrip(".") == "localhost":
-        return True
-    try:
-        return ipaddress.ip_address(name).is_loopback
-    except ValueError:
-        return False
-
-
 def host_allowed(host: str, allowed: Iterable[str]) -> bool:
     """Is ``host`` (a Host header) one we serve? See the module docstring for the rules."""
     name, port = split_host(host)
     if not name:
         return False
-    if is_loopback_host(name):
+    if is_loopback(name):
         return True
     if port is not None and not port.isdigit():
         return False

@@ -1,8 +1,8 @@
 """The page's latest incident: what the watchdog captured before its last restart/give-up, stuck thread first.
 
-Reads ``<run_dir>/incidents`` through keel.watch.incidents (the one place that knows
-the layout). Only the newest bundle's name is listed each refresh; its summary is read
-again only when that name changes, so an idle page costs one directory listing.
+The collector reads the newest bundle's summary (dashboard.rundir, through keel.watch.incidents,
+the one place that knows the layout) off the event loop, only when a new bundle appears; the
+panel redraws only when the collector's ``incident_serial`` moves.
 """
 
 from __future__ import annotations
@@ -12,11 +12,10 @@ from typing import Any
 from bokeh.document import Document
 from bokeh.models import Div
 
-from keel.watch.incidents import load_incident, newest_bundle
+from keel.watch.incidents import stuck_words
 
 from dashboard.present import esc
 
-REFRESH_MS = 2000
 MAX_FRAMES = 12
 
 
@@ -24,43 +23,37 @@ def incident_html(summary: dict[str, Any] | None) -> str:
     """The panel's HTML: header line, the stuck thread's frames (innermost first), the bundle's path."""
     if summary is None:
         return "<b>Latest incident</b>: none"
+    if "error" in summary:
+        return f"<b>Latest incident</b> {esc(summary.get('id'))}: {esc(summary['error'])}"
     v = summary.get("verdict") or {}
     stuck = summary.get("stuck") or {}
-    where = (f"stuck in <code>{esc(stuck.get('function'))}</code> at <code>{esc(stuck.get('file'))}:"
-             f"{esc(stuck.get('line'))}</code>") if stuck.get("function") else "no stacks captured"
     frames = "\n".join(esc(f) for f in (stuck.get("frames") or [])[:MAX_FRAMES])
     return (f"<b>Latest incident</b> {esc(summary.get('id'))}: {esc(summary.get('process'))} "
-            f"{esc(v.get('rule'))} ({esc(v.get('reason'))}), action {esc(summary.get('action'))}; {where}"
+            f"{esc(v.get('rule'))} ({esc(v.get('reason'))}), action {esc(summary.get('action'))}; "
+            f"<code>{esc(stuck_words(stuck))}</code>"
             f"<pre class='keel-incident-stack'>{frames}</pre>"
             f"<div>bundle: <code>{esc(summary.get('path'))}</code></div>")
 
 
 class IncidentPanel:
-    def __init__(self, run_dir: str) -> None:
-        self.run_dir = run_dir
+    def __init__(self, collector: Any) -> None:
+        self.collector = collector
         self.div = Div(name="incident", css_classes=["keel-incident"], sizing_mode="stretch_width",
                        text=incident_html(None))
         self.div.syncable = False  # the browser never changes it: nothing to send back (like the page's models)
-        self._newest: str | None = None
+        self._seen = -1
 
     def refresh(self) -> None:
-        newest = newest_bundle(self.run_dir)
-        if newest == self._newest:
+        if self.collector.incident_serial == self._seen:
             return
-        self._newest = newest
-        summary = None
-        if newest is not None:
-            try:
-                summary = load_incident(self.run_dir, newest)[0]
-            except (LookupError, OSError, ValueError) as exc:
-                summary = {"id": newest, "stuck": None, "verdict": {"reason": f"unreadable: {exc}"}}
-        self.div.text = incident_html(summary)
+        self._seen = self.collector.incident_serial
+        self.div.text = incident_html(self.collector.incident)
 
 
-def mount_incident_panel(doc: Document, cfg: Any) -> IncidentPanel:
-    """Add the panel to ``doc`` (its own root, below the page) and refresh it every 2 s."""
-    panel = IncidentPanel(cfg.run_dir)
+def mount_incident_panel(doc: Document, collector: Any) -> IncidentPanel:
+    """Add the panel to ``doc`` (its own root, below the page), refreshed from the collector's state."""
+    panel = IncidentPanel(collector)
     panel.refresh()
     doc.add_root(panel.div)
-    doc.add_periodic_callback(panel.refresh, REFRESH_MS)
+    doc.add_periodic_callback(panel.refresh, int(collector.cfg.refresh * 1000))
     return panel

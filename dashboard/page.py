@@ -199,7 +199,7 @@ class SessionView:
         self._set(self.training, self._derived("training", self._training_html))
         streams = sorted(c.metrics)[:MAX_PLOTTED]
         writers = {s: tuple(p.name for p in c.cfg.processes if s in p.status_names) for s in streams}
-        if self.plots.update(c.metrics, streams, c.event_records, writers, c.derived) and \
+        if self.plots.update(c.metrics, streams, c.event_records, writers, c.frame) and \
                 len(streams) != len(self._training_keys):
             self._training_keys = [(Category10_10[i % 10], n) for i, n in enumerate(streams)]
             self._set(self.training_key, _key_html(self._training_keys))
@@ -365,8 +365,8 @@ def make_doc(doc: Document, collector: Collector) -> SessionView:
     doc.title = f"{collector.cfg.project} · {collector.cfg.environment}"
     doc.add_root(view.layout)
     # past runs: a table, overlays on the loss curve, a baseline pin (dashboard/runs_panel.py)
-    view.runs = mount_runs_panel(doc, collector.cfg, view.plots)
-    view.incident = mount_incident_panel(doc, collector.cfg)  # dashboard/incident_panel.py
+    view.runs = mount_runs_panel(doc, collector, view.plots)
+    view.incident = mount_incident_panel(doc, collector)  # dashboard/incident_panel.py
     collector.sessions += 1
     # The timer keeps the header honest when the reader stalls; new data arrives by the push below.
     callback = doc.add_periodic_callback(view.update, int(collector.cfg.refresh * 1000))

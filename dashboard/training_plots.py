@@ -6,8 +6,9 @@ full-resolution History; what is drawn is downsampled with MinMaxLTTB (dashboard
 
 from __future__ import annotations
 
+import functools
 import math
-from typing import Any
+from typing import Any, Callable
 
 import numpy as np
 from bokeh.layouts import column, row
@@ -75,8 +76,8 @@ class TrainingPlots:
                                            name="training_events" if k == "loss" else f"training_events:{k}")
                        for k, _ in FIGURES}
         self.sent: dict[str, int] = {}  # stream -> the History serial last drawn
-        self._marks: dict[str, list[curve_events.Marker]] = {}  # stream -> its markers, as last drawn
-        self._events_seen: tuple[int, int] = (0, 0)  # (count, id of the newest) of the event records drawn
+        self.frames: dict[str, curves.Frame] = {}  # stream -> the curves drawn (dashboard.curves.frame)
+        self._events_seen = 0  # serial of the newest event record drawn
         self._records: list[dict] = []
         self._processes: dict[str, tuple[str, ...]] = {}
         self.overlays: dict[str, list[tuple[Any, Any]]] = {}
@@ -126,16 +127,18 @@ class TrainingPlots:
                 "@t": "datetime", "@y": CustomJSHover(args={"source": src}, code=_VALUE_JS)}))
 
     def update(self, metrics: dict[str, Any], streams: list[str], events: Any = (),
-               processes: dict[str, tuple[str, ...]] | None = None, shared: dict[str, Any] | None = None) -> bool:
-        """Redraw the streams whose History changed, or all when new ``events`` came (the collector's
-        raw ``event_records``; ``processes``: stream -> the programs writing it, whose watchdog events
-        go on its curves); True when something was sent. ``shared`` (the collector's ``derived``): where
-        the drawn frame of a stream is kept, so N sessions downsample a History once, not N times."""
+               processes: dict[str, tuple[str, ...]] | None = None,
+               frame: Callable[[str, Callable[[], curves.Frame]], curves.Frame] | None = None) -> bool:
+        """Redraw the lines of the streams whose History changed, and the markers when new ``events`` came
+        (the collector's ``(serial, record)`` ``event_records``; ``processes``: stream -> the programs
+        writing it, whose watchdog events go on its curves). ``frame`` (the collector's ``frame``) keeps
+        each stream's drawn curves for every session: N tabs downsample a History once, not N times.
+        True when something was sent."""
         sent = False
-        shared = {} if shared is None else shared
-        seen = (len(events), id(events[-1]) if len(events) else 0)
-        new_events = seen != self._events_seen
-        self._events_seen, self._records, self._processes = seen, list(events), processes or {}
+        newest = events[-1][0] if len(events) else 0
+        new_events = newest != self._events_seen
+        self._events_seen, self._processes = newest, processes or {}
+        self._records = [rec for _, rec in events] if new_events else self._records
         for i, stream in enumerate(streams):
             hist = metrics[stream]
             if f"{stream}/loss" not in self.sources:
@@ -143,31 +146,30 @@ class TrainingPlots:
                     self._add_metric(stream, metric, Category10_10[i % 10])
                 for m in self.layout.references():  # the browser sends nothing back (sliders/toggles act in JS)
                     m.syncable = False
-            if hist.last_serial == self.sent.get(stream, -1) and not new_events:
+            if hist.last_serial == self.sent.get(stream, -1):
                 continue
-            key = f"curves:{stream}:{hist.last_serial}"
-            if key not in shared:
-                shared[key] = curves.frame(hist.arrays(), stream, tuple(m for m, _ in METRICS), N_OUT)
-            self._redraw(stream, hist.last_serial, shared[key])
+            make = functools.partial(curves.frame, hist.arrays(), stream, tuple(m for m, _ in METRICS), N_OUT)
+            self.frames[stream] = make() if frame is None else frame(stream, make)
+            for metric, _ in METRICS:
+                self.sources[f"{stream}/{metric}"].data = self.frames[stream].live[metric]
+                self.lost_sources[f"{stream}/{metric}"].data = self.frames[stream].lost[metric]
+            self.sent[stream] = hist.last_serial
             sent = True
-        return sent
+        if sent or new_events:
+            self._draw_markers()
+        return sent or new_events
 
-    def _redraw(self, stream: str, serial: int, frame: curves.Frame) -> None:
-        for metric, _ in METRICS:
-            self.sources[f"{stream}/{metric}"].data = frame.live[metric]
-            self.lost_sources[f"{stream}/{metric}"].data = frame.lost[metric]
-        marks = [curve_events.Marker(step, "resume", what) for step, what in frame.resumes]
-        marks += curve_events.markers(self._records, stream, frame.live_step, frame.live_t,
-                                      self._processes.get(stream, ()))
-        self._marks[stream] = marks
-        self._draw_markers()
-        self.sent[stream] = serial
+    def _marks(self, stream: str) -> list[curve_events.Marker]:
+        f = self.frames[stream]
+        return [curve_events.Marker(step, "resume", what) for step, what in f.resumes] + curve_events.markers(
+            self._records, stream, f.live_step, f.live_t, self._processes.get(stream, ()))
 
     def _draw_markers(self) -> None:
         # every stream's markers, each on its stream's line in each figure (that figure's y scale)
+        marks_of = {stream: self._marks(stream) for stream in self.frames}
         for key, metric in (("loss", "loss"), ("throughput", "samples_per_s"), ("lr", "lr")):
             cols: dict[str, list] = {"x": [], "y": [], "what": [], "kind": [], "color": []}
-            for stream, marks in self._marks.items():
+            for stream, marks in marks_of.items():
                 d = self.sources[f"{stream}/{metric}"].data
                 fin = [(x, y) for x, y in zip(d["step"], d["y"]) if y == y]
                 for m in marks:

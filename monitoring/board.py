@@ -26,6 +26,9 @@ from grafana_foundation_sdk.builders import stat, statetimeline, table, timeseri
 from grafana_foundation_sdk.cog.encoder import JSONEncoder
 from grafana_foundation_sdk.models import dashboard as dm
 
+from keel.fs.atomic import atomic_write_text
+from keel.watch.prom import HEALTH_CODES
+
 __all__ = ["BOARD", "board", "queries", "render", "runnable"]
 
 BOARD = Path(__file__).with_name("keel-fleet.json")
@@ -33,9 +36,10 @@ UID = "keel-fleet"
 DS = dm.DataSourceRef(type_val="prometheus", uid="${datasource}")
 SEL = 'host=~"$host", process=~"$process"'
 LEGEND = "{{host}} {{process}} {{rank}}"
-# keel_process_health's codes (keel.watch.prom.HEALTH_CODES) as words and colours.
-HEALTH = {0: ("ok", "green"), 1: ("starting", "blue"), 2: ("degraded", "yellow"), 3: ("unhealthy", "orange"),
-          4: ("failed", "red"), 5: ("stopped", "text")}
+# keel_process_health's codes (keel.watch.prom.HEALTH_CODES, the one mapping) as words and colours.
+_COLOURS = {"ok": "green", "starting": "blue", "degraded": "yellow", "unhealthy": "orange", "failed": "red",
+            "stopped": "text"}
+HEALTH = {code: (word, _COLOURS[word]) for word, code in HEALTH_CODES.items()}
 
 
 def _q(expr: str, legend: str = LEGEND, *, instant: bool = False, ref: str = "A") -> gp.Dataquery:
@@ -152,7 +156,7 @@ def main(argv: list[str] | None = None) -> int:
             print(f"{BOARD}: out of date; run `make monitoring`", file=sys.stderr)
             return 1
         return 0
-    BOARD.write_text(text)
+    atomic_write_text(BOARD, text, 0o644)  # replaced whole or not at all, like every file keel writes
     print(f"wrote {BOARD}")
     return 0
 

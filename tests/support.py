@@ -48,6 +48,33 @@ def is_alive(pid: int) -> bool:
         return False
 
 
+def keel_config_pids(build_dir: Path) -> set[int]:
+    """Every live, non-zombie process whose KEEL_CONFIG lies under ``build_dir`` (a stack's processes,
+    their DataLoader workers and torchrun ranks: keel sets it for each)."""
+    prefix = str(build_dir) + "/"
+    found = set()
+    for proc in psutil.process_iter(["pid"]):
+        try:
+            if proc.environ().get("KEEL_CONFIG", "").startswith(prefix) and proc.status() != psutil.STATUS_ZOMBIE:
+                found.add(proc.pid)
+        except psutil.Error:
+            pass
+    return found
+
+
+def require_binary(name: str, package: str) -> str:
+    """The path of ``name``; missing, the test fails under CI (make deps installs ``package``), else skips."""
+    import pytest
+    import shutil
+
+    path = shutil.which(name)
+    if path is None:
+        if os.environ.get("CI") == "true":
+            pytest.fail(f"{name} is missing (Debian package {package}; `make deps` installs it)")
+        pytest.skip(f"{name} not installed")
+    return path
+
+
 def kill_tree(pid: int, sig: int = signal.SIGKILL) -> list[int]:
     """Signal a process and all its descendants; returns every pid signalled."""
     try:

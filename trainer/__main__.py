@@ -18,7 +18,6 @@ import logging
 import os
 import sys
 import tempfile
-import uuid
 from typing import Any, Callable, Sequence
 
 from keel.logs import setup_logging
@@ -37,12 +36,12 @@ from trainer.signals import StopFlag
 from trainer import stackdump
 from trainer import multinode
 
-from trainer.runs import BUILTIN_ENTRY as DEFAULT_ENTRY  # noqa: E402 - one name for the built-in (the digest uses it)
+from trainer.runs import BUILTIN_ENTRY, new_run_id
 
 
 def resolve_entry(spec: str | None) -> Callable[[Any], Any]:
     """Import `module:function` (default: the built-in job)."""
-    module_name, sep, func_name = (spec or DEFAULT_ENTRY).partition(":")
+    module_name, sep, func_name = (spec or BUILTIN_ENTRY).partition(":")
     if not sep or not module_name or not func_name:
         raise ValueError(f"entry must look like 'package.module:function', not {spec!r}")
     obj: Any = importlib.import_module(module_name)
@@ -53,10 +52,11 @@ def resolve_entry(spec: str | None) -> Callable[[Any], Any]:
     return obj
 
 
-def status_name(settings: TrainerSettings, info: distributed.DistInfo | None, node: str | None = None) -> str:
+def status_name(settings: TrainerSettings, info: distributed.DistInfo | None) -> str:
     """`trainer`, or one status file per rank under torchrun (`trainer.rank<N>`; multi-node `trainer.<node>.r<local rank>`)."""
     if info is None:
         return settings.name
+    node = settings.torchrun.node
     return rank_status_name(settings.name, info.rank if node is None else info.local_rank, node)
 
 
@@ -86,7 +86,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     info = distributed.detect(os.environ)
     if info is not None:
         distributed.die_with_agent()
-    name = status_name(settings, info, resolved.trainer.torchrun.node if resolved.trainer else None)
+    name = status_name(settings, info)
     log = setup_logging(name, settings.log_format, settings.log_level)
     prepare_process_dirs(resolved)
     tmp_dir, fell_back = choose_tmpdir(settings.tmp_dir, name, os.getuid())
@@ -128,9 +128,8 @@ def main(argv: Sequence[str] | None = None) -> int:
         heartbeat_interval=settings.heartbeat_interval,
         gpus=gpu_indices,
     )
-    # Not trainer.run.new_run_id: that module imports torch, and the first snapshot must not wait for it.
-    # A resumed run adopts the id stored in its checkpoint.
-    run_id = uuid.uuid4().hex[:12]
+    run_id = new_run_id()  # trainer.runs has no torch: the first snapshot does not wait for it; a resume adopts
+    # the id stored in its checkpoint
     reporter.start(
         payload={
             "run_id": run_id,
@@ -145,8 +144,8 @@ def main(argv: Sequence[str] | None = None) -> int:
     try:
         if alloc_error is not None:
             raise alloc_error
-        run = _build_run(settings, info, reporter, stop, notifier, log, gpu_indices, run_id, resolved.trainer.runs)
-        multinode.check_at_start(resolved.trainer.torchrun, info, settings.checkpoint_dir)  # multi-node: a shared checkpoint_dir
+        run = _build_run(settings, info, reporter, stop, notifier, log, gpu_indices, run_id)
+        multinode.check_at_start(settings.torchrun, info, settings.checkpoint_dir)  # multi-node: a shared checkpoint_dir
         entry = resolve_entry(settings.entry)
         entry(run)
         run.begin_stopping()
@@ -201,7 +200,6 @@ def _build_run(
     log: logging.Logger,
     gpu_indices: list[int],
     run_id: str,
-    retention,
 ):
     """Import torch, pick the device, join torchrun's group, and assemble the `Run`."""
     import functools
@@ -210,7 +208,7 @@ def _build_run(
 
     from trainer.checkpoint import CheckpointStore
     from trainer.run import Run
-    from trainer.runs import RunArchive, RunLedger, shared_run_id
+    from trainer.runs import RunArchive, RunLedger
 
     torch.set_num_threads(settings.threads)
     local_rank = info.local_rank if info else 0
@@ -221,7 +219,7 @@ def _build_run(
         backend = distributed.choose_backend(settings.backend, device.type == "cuda")
         distributed.init(info, backend, device)
         any_rank = functools.partial(distributed.any_rank, device=device)
-        run_id = shared_run_id(run_id)  # every rank names rank 0's run (a resume adopts the checkpoint's)
+        run_id = distributed.shared_run_id(run_id)  # every rank names rank 0's run (a resume adopts the checkpoint's)
         reporter.update_payload(run_id=run_id)
     gpu_memory = (lambda: int(torch.cuda.memory_allocated(device))) if device.type == "cuda" else None
 
@@ -236,7 +234,7 @@ def _build_run(
             log.warning("removed stale checkpoint temp file %s", p, extra={"event": "checkpoint_temp_removed"})
     ledger = RunLedger(settings, store=store, logger=logging.getLogger("keel.trainer"))
     if info is None or info.is_main:  # one archive writer per run
-        ledger.archive = RunArchive(settings.run_dir, settings.name, keep=retention.keep, max_bytes=retention.max_bytes,
+        ledger.archive = RunArchive(settings.run_dir, settings.name, keep=settings.runs.keep, max_bytes=settings.runs.max_bytes,
                                     inputs=ledger.inputs, digest=ledger.digest)
     run = Run(
         settings,

@@ -42,13 +42,13 @@ def detect(environ: Mapping[str, str]) -> DistInfo | None:
     )
 
 
-def die_with_agent() -> bool:
+def die_with_agent() -> None:
     """A torchrun worker dies with its agent (Linux PR_SET_PDEATHSIG), so a SIGKILLed agent leaves no rank.
 
     torchrun starts its workers in their own session, so the backend's kill of the agent's
     process group (supervisord's killasgroup, systemd's KillMode) does not reach them; a rank
-    blocked in a collective with a node that went away would then outlive its stack. False
-    where the call is not available (not Linux).
+    blocked in a collective with a node that went away would then outlive its stack. Where the
+    call is not available (not Linux) nothing changes.
     """
     import ctypes
     import os
@@ -57,12 +57,11 @@ def die_with_agent() -> bool:
     try:
         libc = ctypes.CDLL(None, use_errno=True)
         if libc.prctl(1, int(signal.SIGKILL), 0, 0, 0) != 0:  # 1: PR_SET_PDEATHSIG
-            return False
+            return
     except (OSError, AttributeError):
-        return False
+        return
     if os.getppid() == 1:  # the agent died before the call: do not run on as an orphan
         os._exit(1)
-    return True
 
 
 def choose_backend(requested: str, cuda: bool) -> str:
@@ -122,6 +121,17 @@ def any_rank(flag: bool, device: "torch.device") -> bool:
     t = torch.tensor([1 if flag else 0], dtype=torch.int32, device=device)
     dist.all_reduce(t, op=dist.ReduceOp.MAX)
     return bool(t.item())
+
+
+def shared_run_id(run_id: str) -> str:
+    """Rank 0's run id on every rank under torchrun (a no-op without a process group)."""
+    import torch.distributed as dist
+
+    if not (dist.is_available() and dist.is_initialized()):
+        return run_id
+    box = [run_id]
+    dist.broadcast_object_list(box, src=0)
+    return str(box[0])
 
 
 def barrier() -> None:

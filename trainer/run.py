@@ -22,7 +22,6 @@ from __future__ import annotations
 import logging
 import math
 import time
-import uuid
 from contextlib import contextmanager
 from pathlib import Path
 from typing import Any, Callable, Iterator
@@ -32,7 +31,7 @@ from keel.status.models import State
 from trainer import signals
 from trainer.checkpoint import CheckpointStore
 from trainer.phases import PhaseTimer
-from trainer.runs import RunLedger
+from trainer.runs import RunLedger, new_run_id
 from trainer.sdnotify import Notifier
 from trainer.settings import TrainerSettings
 
@@ -46,11 +45,6 @@ class NonFiniteLoss(RuntimeError):
         super().__init__(f"loss is {loss} at step {step} (on_nan=stop)")
         self.step = step
         self.loss = loss
-
-
-def new_run_id() -> str:
-    """A short random id for a run; a resumed run keeps the id stored in its checkpoint."""
-    return uuid.uuid4().hex[:12]
 
 
 class Run:
@@ -232,6 +226,7 @@ class Run:
         self.checkpoint_step = step
         self.ledger.saved(self)
         self.logger.info("checkpoint saved", extra={"event": "checkpoint", "step": step, "path": str(path)})
+        self._pending.append({"event": "checkpoint", "t": time.time(), "step": step})  # a marker on the curves
         self._reporter.update_payload(checkpoint_step=step)
         return path
 
@@ -241,7 +236,7 @@ class Run:
         if not self.ledger.accept(self, loaded):  # none, or another run's: set aside, a new run starts
             return None
         wrapped = loaded.state
-        self.run_id = str(wrapped.get("run_id", self.run_id))
+        self.run_id = self.ledger.run_id  # chosen once, by the ledger (a resume keeps its checkpoint's run)
         self.step = self._last_ckpt_step = int(wrapped.get("step", loaded.step))
         self.checkpoint_step = self.step
         self._phases.load(wrapped.get("phases"))

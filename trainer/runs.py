@@ -30,6 +30,7 @@ import hashlib
 import json
 import logging
 import time
+import uuid
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Callable, Mapping
@@ -83,15 +84,9 @@ def choose(wrapped: Mapping[str, Any] | None, digest: str) -> Choice:
     return Choice(True, previous, "same config digest")
 
 
-def shared_run_id(run_id: str) -> str:
-    """Rank 0's run id on every rank under torchrun (a no-op without a process group)."""
-    import torch.distributed as dist
-
-    if not (dist.is_available() and dist.is_initialized()):
-        return run_id
-    box = [run_id]
-    dist.broadcast_object_list(box, src=0)
-    return str(box[0])
+def new_run_id() -> str:
+    """A short random id for a new run; a resumed run keeps the id stored in its checkpoint."""
+    return uuid.uuid4().hex[:12]
 
 
 class RunArchive:
@@ -120,7 +115,6 @@ class RunArchive:
         self.summary: RunSummary | None = None
         self._tally = Tally()
         self._last_write = float("-inf")
-        self._dirty = False
 
     def open(self, run_id: str, *, resumed: bool, step: int) -> None:
         """Start (or, on a resume, continue) run `run_id`; close other runs left `running`; prune."""
@@ -155,7 +149,6 @@ class RunArchive:
         if s is None or not records:
             return
         self._tally.add(records)
-        self._dirty = True
         if not s.metrics_truncated:
             if s.metrics_bytes >= self.max_bytes:
                 log.warning("run %s outgrew runs.max_bytes; its later metrics are not archived", s.id,
@@ -185,7 +178,6 @@ class RunArchive:
         self.summary = self.summary.model_copy(update={**self._tally.fields(), "updated": self._wall()})
         archive_files.write_summary(self.root, self.summary)
         self._last_write = self._clock()
-        self._dirty = False
 
 
 def _upto(record: dict, step: int) -> bool:
@@ -204,6 +196,7 @@ class RunLedger:
         self._store = store
         self._log = logger or log
         self.started = False
+        self.run_id: str | None = None  # the run being trained, once chosen (``accept``/``ensure_started``)
         self._early: list[dict] = []
         self._failed = False
 

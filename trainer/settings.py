@@ -12,7 +12,9 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Literal
 
-from keel.render.contract import Checkpoint, ContractError, ProcessFile, Report, load_process_file, parse_process_file
+from keel.render.contract import (
+    Checkpoint, ContractError, ProcessFile, Report, Runs, Torchrun, load_process_file, parse_process_file,
+)
 
 OnNan = Literal["stop", "skip", "continue"]
 
@@ -46,6 +48,8 @@ class TrainerSettings:
     num_workers: int
     checkpoint: Checkpoint
     report: Report
+    torchrun: Torchrun  # multi-node rendezvous, node name, shared checkpoints
+    runs: Runs  # the runs archive's retention
     on_nan: OnNan
     params: dict[str, Any]
 
@@ -88,6 +92,8 @@ def from_process_file(pf: ProcessFile, where: str) -> TrainerSettings:
         num_workers=t.num_workers,
         checkpoint=t.checkpoint,
         report=t.report,
+        torchrun=t.torchrun,
+        runs=t.runs,
         on_nan=t.on_nan,
         params=dict(t.params),
     )

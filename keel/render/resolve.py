@@ -12,7 +12,7 @@ from __future__ import annotations
 
 import os
 import socket
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path, PurePath
 from typing import Any
 
@@ -36,6 +36,9 @@ class Context:
     build_dir: Path  # where the resolved files go (build/<env> or --out)
     sources: tuple[str, ...]  # the YAML files, for the "generated from" header
     backend: str  # supervisord | systemd (the config's, or --backend)
+    # The host the files are rendered for: a multi-node job's default node name. Read once, when the
+    # context is made, so resolving stays settings in, values out.
+    hostname: str = field(default_factory=socket.gethostname)
 
     @property
     def header(self) -> str:
@@ -62,7 +65,7 @@ def python_path(config: KeelConfig, ctx: Context) -> str:
 
 def torchrun_settings(proc: TrainerProcess, config: KeelConfig, ctx: Context) -> dict[str, Any]:
     """The trainer's resolved torchrun block (multi-node: rendezvous id and node name filled in)."""
-    return torchrun_render.resolve(proc.torchrun, project=config.project, env=ctx.env, release=ctx.code_dir.name, hostname=socket.gethostname())
+    return torchrun_render.resolve(proc.torchrun, project=config.project, env=ctx.env, release=ctx.code_dir.name, hostname=ctx.hostname)
 
 
 def status_names(name: str, proc: Any, config: KeelConfig, ctx: Context) -> list[str]:

@@ -20,7 +20,7 @@ from pathlib import Path
 import psutil
 import pytest
 
-from tests.support import REPO_ROOT, free_port, is_alive, wait_until
+from tests.support import keel_config_pids, REPO_ROOT, free_port, is_alive, wait_until
 
 pytestmark = pytest.mark.slow
 
@@ -58,15 +58,7 @@ class Stack:
 
     def all_pids(self) -> set[int]:
         """Every live process carrying this stack's KEEL_CONFIG (DataLoader workers included)."""
-        prefix = str(self.root / "build" / ENV) + "/"
-        found = set()
-        for proc in psutil.process_iter(["pid"]):
-            try:
-                if proc.environ().get("KEEL_CONFIG", "").startswith(prefix) and proc.status() != psutil.STATUS_ZOMBIE:
-                    found.add(proc.pid)
-            except psutil.Error:
-                pass
-        return found
+        return keel_config_pids(self.root / "build" / ENV)
 
 
 def write_configs(root: Path, port: int) -> Path:

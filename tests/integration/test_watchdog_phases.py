@@ -17,7 +17,7 @@ import pytest
 
 from keel.status.models import ProcessStatus, WatchdogStatus
 from keel.status.reader import StatusReader
-from tests.integration.test_watchdog import stack  # noqa: F401 - the fixture
+from tests.integration.test_watchdog import POLL, stack  # noqa: F401 - the fixture
 from tests.support import REPO_ROOT, wait_until
 
 pytestmark = pytest.mark.slow

@@ -57,10 +57,12 @@ def test_training_plots_draw_the_collectors_event_records_as_markers_on_each_fig
     events: deque = deque(maxlen=200)
     assert plots.update({"trainer": hist}, ["trainer"], events)
     assert plots.events["loss"].data["x"] == []
-    # new events alone (no new metric point) redraw the markers
-    events.append(_wd(T0 + 100, "restart", "heartbeat 31s old", verdict="unhealthy", rule="heartbeat"))
-    events.append(_wd(T0 + 160, "observed", "input wait 80%", verdict="degraded", rule="data_starved"))
+    lines_before = plots.sources["trainer/loss"].data
+    # new events alone (no new metric point) redraw the markers, not the lines
+    events.append((1, _wd(T0 + 100, "restart", "heartbeat 31s old", verdict="unhealthy", rule="heartbeat")))
+    events.append((2, _wd(T0 + 160, "observed", "input wait 80%", verdict="degraded", rule="data_starved")))
     assert plots.update({"trainer": hist}, ["trainer"], events)
+    assert plots.sources["trainer/loss"].data is lines_before
     d = plots.events["loss"].data
     assert d["x"] == [50.0, 80.0] and d["kind"] == ["restart", "warning"]
     assert "heartbeat 31s old" in d["what"][0] and "data_starved" in d["what"][1]
@@ -69,3 +71,29 @@ def test_training_plots_draw_the_collectors_event_records_as_markers_on_each_fig
     assert d["color"][0] != d["color"][1]
     # nothing new: nothing sent
     assert not plots.update({"trainer": hist}, ["trainer"], events)
+
+
+def test_the_trainers_own_checkpoint_records_become_markers_through_the_collector(tmp_path):
+    # The trainer writes {"event": "checkpoint", "step": N} into its metrics (trainer.run.Run.save_checkpoint);
+    # the collector tags it with its stream, and the curves mark it at that step.
+    import asyncio
+
+    from dashboard.collector import Collector
+    from keel.status.reporter import ProcessReporter
+    from tests.unit.test_dashboard_page import make_cfg
+
+    cfg = make_cfg(tmp_path)
+    rep = ProcessReporter(cfg.run_dir, "trainer", "trainer", heartbeat_interval=60)
+    rep.start({"run_id": "unit"})
+    rep.metrics([{"step": i, "t": T0 + i, "loss": 1.0} for i in range(40)]
+                + [{"event": "checkpoint", "t": T0 + 40, "step": 39},
+                   {"event": "nonfinite_loss", "t": T0 + 41, "step": 39, "loss": "nan", "action": "skip"}])
+    c = Collector(cfg)
+    asyncio.run(c.cycle())
+    plots = TrainingPlots()
+    assert plots.update(c.metrics, ["trainer"], c.event_records, frame=c.frame)
+    d = plots.events["loss"].data
+    assert d["kind"] == ["checkpoint", "trainer"] and d["x"] == [39.0, 39.0]
+    assert "nonfinite_loss" in d["what"][1]
+    rep.close()
+    c.runner.close()

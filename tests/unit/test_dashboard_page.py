@@ -21,7 +21,8 @@ from keel.host.sampling import HostSample, ProcessSample, ResourceSample
 from keel.status.reporter import ProcessReporter
 from keel.status.jsonl import JsonlWriter
 
-from dashboard.collector import Collector, RunDirReader
+from dashboard.collector import Collector
+from dashboard.rundir import RunDirReader
 from dashboard.config import load_config
 from dashboard.training_plots import N_OUT
 from dashboard.page import make_doc
@@ -332,4 +333,7 @@ def test_sessions_share_one_drawn_frame_per_change(run_dir, monkeypatch):
         view.update()
     assert calls == ["trainer", "trainer"]
     assert all(v.plots.sources["trainer/loss"].data["step"][-1] == 31.0 for v in views)
+    cycle(c)  # nothing new: a tab opened now reuses the same frame
+    make_doc(Document(), c)
+    assert calls == ["trainer", "trainer"]
     c.runner.close()

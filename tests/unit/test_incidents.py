@@ -121,16 +121,30 @@ def test_tail_jsonl_skips_torn_lines(tmp_path):
 
 
 def test_the_page_panel_shows_the_newest_incident_and_its_stuck_frames(tmp_path):
-    from dashboard.incident_panel import IncidentPanel
+    # The collector reads the newest bundle off the loop (dashboard.rundir), once per new bundle; the
+    # panel draws what it read.
+    import asyncio
 
-    panel = IncidentPanel(str(tmp_path))
+    from dashboard.collector import Collector
+    from dashboard.incident_panel import IncidentPanel
+    from tests.unit.test_dashboard_page import make_cfg
+
+    cfg = make_cfg(tmp_path)
+    c = Collector(cfg)
+    panel = IncidentPanel(c)
+    asyncio.run(c.cycle())
     panel.refresh()
     assert "none" in panel.div.text
-    write_incident(tmp_path, _incident(1.8e9, "old"), keep=5)
-    newest = write_incident(tmp_path, _incident(1.8e9 + 5), keep=5)
+    write_incident(cfg.run_dir, _incident(1.8e9, "old"), keep=5)
+    newest = write_incident(cfg.run_dir, _incident(1.8e9 + 5), keep=5)
+    asyncio.run(c.cycle())
+    serial = c.incident_serial
     panel.refresh()
     assert newest.name in panel.div.text and "old" not in panel.div.text
-    assert "wait_for_the_lock_that_never_comes (/srv/app/train.py:4)" in panel.div.text
+    assert "stuck in wait_for_the_lock_that_never_comes (/srv/app/train.py:4)" in panel.div.text
+    asyncio.run(c.cycle())  # nothing new: not read again
+    assert c.incident_serial == serial
+    c.runner.close()
 
 
 def test_a_capture_left_pending_by_a_hang_that_ended_is_dropped(tmp_path):

@@ -14,7 +14,6 @@ from keel.status import runs as files
 from keel.status.reporter import ProcessReporter
 from keel.status.runs import RunSummary, Tally
 from tests.integration.trainer_fixtures import write_config
-from trainer import __main__ as trainer_main
 from trainer.checkpoint import CheckpointStore
 from trainer.run import Run
 from trainer.runs import BUILTIN_ENTRY, RunArchive, RunLedger, choose, config_digest, digest_inputs
@@ -41,7 +40,6 @@ def test_digest_covers_entry_params_and_seed_only(tmp_path):
     assert config_digest(digest_inputs(replace(base, params={"window": 8, "hidden": 32}))) == d
     # none means the built-in job, and naming it says the same
     assert config_digest(digest_inputs(replace(base, entry=BUILTIN_ENTRY))) == d
-    assert BUILTIN_ENTRY == trainer_main.DEFAULT_ENTRY
     for changed in (replace(base, entry="examples.momentum.train:main"), replace(base, params={"hidden": 64, "window": 8}),
                     replace(base, seed=1)):
         assert config_digest(digest_inputs(changed)) != d
@@ -51,7 +49,8 @@ def test_digest_covers_entry_params_and_seed_only(tmp_path):
 
 
 def test_choose_resumes_only_the_same_digest():
-    assert choose(None, "aaa") == choose(None, "aaa") and not choose(None, "aaa").resume
+    fresh = choose(None, "aaa")
+    assert not fresh.resume and fresh.previous is None
     same = choose({"run_id": "r1", "config_digest": "aaa"}, "aaa")
     assert same.resume and same.previous == "r1"
     other = choose({"run_id": "r1", "config_digest": "bbb"}, "aaa")

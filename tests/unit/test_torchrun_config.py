@@ -7,6 +7,7 @@ from __future__ import annotations
 import json
 import shutil
 import textwrap
+from dataclasses import replace
 from pathlib import Path
 
 import pytest
@@ -144,13 +145,13 @@ def test_the_rendezvous_id_separates_environments_and_releases(cfg, tmp_path):
     assert ids == {"keel-dev-v1", "keel-dev-v2", "keel-staging-v1", "keel-staging-v2"}
 
 
-def test_an_explicit_rendezvous_id_and_the_host_name_default(cfg, tmp_path, monkeypatch):
+def test_an_explicit_rendezvous_id_and_the_host_name_default(cfg, tmp_path):
     write_env(cfg, "2", "rdzv_endpoint: 10.0.0.1:29400\nshared_checkpoints: true\nrdzv_id: job-42")
-    monkeypatch.setattr("socket.gethostname", lambda: "GPU-07.dc1.example")
     config = load_config("dev", cfg).config
-    doc = process_file("trainer", config, ctx(tmp_path)).to_json()["trainer"]["torchrun"]
+    c = replace(ctx(tmp_path), hostname="GPU-07.dc1.example")
+    doc = process_file("trainer", config, c).to_json()["trainer"]["torchrun"]
     assert doc["rdzv_id"] == "job-42" and doc["node"] == "gpu-07"
-    assert stack_file(config, ctx(tmp_path)).to_json()["processes"]["trainer"]["status_names"] == ["trainer.gpu-07.r0", "trainer.gpu-07.r1"]
+    assert stack_file(config, c).to_json()["processes"]["trainer"]["status_names"] == ["trainer.gpu-07.r0", "trainer.gpu-07.r1"]
 
 
 def test_the_trainer_writes_the_names_keel_json_lists(cfg, tmp_path):
@@ -161,12 +162,12 @@ def test_the_trainer_writes_the_names_keel_json_lists(cfg, tmp_path):
     listed = stack_file(config, c).to_json()["processes"]["trainer"]["status_names"]
     pf = process_file("trainer", config, c)
     settings = from_process_file(pf, "trainer.json")
-    node = pf.trainer.torchrun.node
     # this node holds global ranks 2 and 3 in this rendezvous: names follow the local rank
-    written = [status_name(settings, DistInfo(rank=2 + local, world_size=4, local_rank=local), node) for local in range(2)]
+    written = [status_name(settings, DistInfo(rank=2 + local, world_size=4, local_rank=local)) for local in range(2)]
     assert written == listed
     # one node: unchanged, the global rank
-    assert status_name(settings, DistInfo(rank=1, world_size=2, local_rank=1)) == "trainer.rank1"
+    one = from_process_file(process_file("trainer", load_config("staging", cfg).config, c), "trainer.json")
+    assert status_name(one, DistInfo(rank=1, world_size=2, local_rank=1)) == "trainer.rank1"
 
 
 def test_resolved_file_round_trips_through_the_contract(cfg, tmp_path):
