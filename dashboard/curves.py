@@ -93,20 +93,12 @@ def split(rows: dict[str, np.ndarray], metric: str, starts: np.ndarray | None = 
 
 
 def draw(rows: dict[str, np.ndarray], idx: np.ndarray, metric: str, n_out: int,
-         gaps: np.ndarray | None = None, x_range: tuple[float, float] | None = None) -> Series:
-    """The rows ``idx`` of ``metric`` (step order), limited to ``x_range`` of step, downsampled to about
-    ``n_out`` points with MinMaxLTTB, each point with the min/max of what it stands for; a NaN point
-    before each gap row (a break in the line)."""
+         gaps: np.ndarray | None = None) -> Series:
+    """The rows ``idx`` of ``metric`` (step order), downsampled to about ``n_out`` points with MinMaxLTTB,
+    each point with the min/max of what it stands for; a NaN point before each gap row (a break in the line)."""
     if not len(idx):
         return _empty()
     step = rows["step"][idx]
-    if x_range is not None:
-        keep = (step >= x_range[0]) & (step <= x_range[1])
-        # one point either side, so the line reaches the edges of the view
-        where = np.flatnonzero(keep)
-        if len(where):
-            a, b = max(0, where[0] - 1), min(len(idx), where[-1] + 2)
-            idx, step = idx[a:b], step[a:b]
     y = rows[metric][idx]
     t = rows["t"][idx] if "t" in rows else np.full(len(idx), math.nan)
     pick = select(step, y, n_out)

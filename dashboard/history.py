@@ -2,8 +2,8 @@
 
 Each point gets a serial number that only grows, so a browser session can ask
 for "everything after the last serial I sent" and stream just that. Points are
-kept at full resolution up to ``max_points`` (sessions downsample what they
-draw, per visible range: dashboard.downsample); past it, the older half is
+kept at full resolution up to ``max_points`` (the drawn lines are downsampled:
+dashboard.curves); past it, the older half is
 reduced with MinMaxLTTB (tsdownsample), so every spike survives and memory
 stays bounded whatever the run length.
 """
@@ -121,9 +121,9 @@ class History:
         """All retained points of all (or the named) columns, as copies."""
         return self.since(-1, columns)
 
-    def arrays(self, serial: int = -1) -> dict[str, np.ndarray]:
-        """Read-only numpy views of the points newer than ``serial``, plus their ``serial`` column."""
-        start = self._start(serial)
+    def arrays(self) -> dict[str, np.ndarray]:
+        """Read-only numpy views of every retained point, plus their ``serial`` column."""
+        start = 0
         out = {c: self._data[c][start: self._n] for c in self.columns}
         out["serial"] = self._serials[start: self._n]
         for v in out.values():

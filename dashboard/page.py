@@ -1,10 +1,12 @@
 """The page: ``make_doc(doc, collector)`` builds one browser session's Document.
 
-Each session keeps its own data sources and a periodic callback that sends
-only what changed since its last update: new points through
-``ColumnDataSource.stream(..., rollover=history_points)``, changed table cells
-through ``patch``, and Div text only when it differs. It reads the shared
-``Collector`` (same event loop, no locks) and never touches the run dir.
+Each session keeps its own data sources and sends only what changed since its last
+update (pushed after each collector cycle): new resource points through
+``ColumnDataSource.stream(..., rollover=history_points)``, changed table cells through
+``patch``, Div text only when it differs, and a training line whole when its stream changed
+(dashboard.training_plots: drawn once per change for every session). It reads the shared
+``Collector`` (same event loop, no locks) and never touches the run dir: the panels too
+read what the collector read off the loop (dashboard.rundir).
 """
 
 from __future__ import annotations

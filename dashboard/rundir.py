@@ -17,7 +17,7 @@ from keel.status.jsonl_tail import JsonlTail
 from keel.status.models import ProcessStatus
 from keel.status.reader import StatusReader
 from keel.status.results import ReadError
-from keel.status.runs import SUMMARY_FILE, RunSummary, list_runs, read_metrics, runs_root
+from keel.status.runs import SUMMARY_FILE, RunSummary, list_runs_of, read_metrics, runs_root
 from keel.watch.incidents import newest_bundle, newest_incident
 
 from dashboard.config import DashboardConfig
@@ -84,12 +84,13 @@ class RunDirReader:
     def runs(self) -> tuple[tuple, list[RunSummary]] | None:
         """(signature, every trainer's runs, newest first) when the archive changed since the last call, else
         None. The signature is the mtime of each trainer's archive dir and of every run.json (~20 stats)."""
-        roots = [runs_root(self.cfg.run_dir, p.name) for p in self.cfg.processes if p.kind == "trainer"]
+        trainers = [p.name for p in self.cfg.processes if p.kind == "trainer"]
+        roots = [runs_root(self.cfg.run_dir, t) for t in trainers]
         sig = tuple(_archive_stamps(roots))
         if sig == self._runs_signature:
             return None
         self._runs_signature = sig
-        return sig, sorted((s for root in roots for s in list_runs(root)), key=lambda s: s.started, reverse=True)
+        return sig, list_runs_of(self.cfg.run_dir, trainers)
 
     def run_records(self, trainer: str, run_id: str) -> list[dict[str, Any]]:
         """One archived run's metrics records (for an overlay)."""

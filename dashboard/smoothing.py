@@ -6,7 +6,7 @@ starts at zero, so each value is divided by the weight mass seen so far
 Time-weighted: the decay of one step is ``weight ** (dx / typical dx)``, so a
 burst of closely spaced points does not count more than the same span sampled
 sparsely, and a gap forgets more. ``SMOOTH_JS`` is the same code for the
-browser (tests compare the two).
+browser (tests/browser/test_training_curves.py checks the page draws what ``ema`` computes).
 """
 
 from __future__ import annotations

@@ -20,6 +20,7 @@ from bokeh.plotting import figure
 from bokeh.transform import transform
 
 from dashboard import curve_events, curves
+from dashboard.history import History
 from dashboard.smoothing import SMOOTH_JS
 
 # metric -> (title, figure key); val_loss shares the loss plot
@@ -185,8 +186,6 @@ class TrainingPlots:
 
     def overlay(self, label: str, records: list[dict], *, baseline: bool = False) -> None:
         """Draw a past run's metrics as thin faint lines (baseline: black dashed) on the matching figures."""
-        from dashboard.history import History
-
         self.clear_overlay(label)
         h = History(("step", "t", *[m for m, _ in METRICS]), max(4, len(records) + 1))
         h.extend(records)

@@ -22,6 +22,7 @@ from typing import Any, Callable
 import torch
 
 from keel.fs.atomic import atomic_write
+from keel.status.runs import safe_run_id
 
 PREFIX = "ckpt-"
 SUFFIX = ".pt"
@@ -121,8 +122,7 @@ class CheckpointStore:
         A new run must not find them: the newest step would win `load_latest` over its own
         checkpoints, and `keep` would prune them. One rename per file, so a crash half-way
         leaves the rest for the next start to move; call it on rank 0 only."""
-        safe = re.sub(r"[^A-Za-z0-9_.-]", "_", run_id or "unknown").lstrip(".") or "unknown"
-        target = self.directory / SUPERSEDED_DIR / safe
+        target = self.directory / SUPERSEDED_DIR / safe_run_id(run_id)
         target.mkdir(parents=True, exist_ok=True)
         for _, path in self.steps():
             try:

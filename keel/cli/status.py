@@ -103,10 +103,9 @@ def main(argv: list[str] | None = None) -> int:
         print(f"status: {exc}", file=sys.stderr)
         return 2
     if args.runs:
-        from keel.status.runs import list_runs, runs_root, runs_table
+        from keel.status.runs import list_runs_of, runs_table
 
-        found = [s for n, p in stack.processes.items() if p.kind == "trainer"
-                 for s in list_runs(runs_root(stack.paths.run_dir, n))]
+        found = list_runs_of(stack.paths.run_dir, [n for n, p in stack.processes.items() if p.kind == "trainer"])
         print(json.dumps([s.model_dump(mode="json") for s in found]) if args.json else runs_table(found), flush=True)
         return 0
     backend = backend_for(stack, timeout=10.0)

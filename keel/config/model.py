@@ -280,7 +280,7 @@ class DashboardProcess(ProcessBase):
         None, description="Allowed websocket origins (host:port). Default: 127.0.0.1 and localhost on the port."
     )
     refresh: Duration = Field(1.0, description="How often the page updates.")
-    history_points: int = Field(2000, ge=10, description="Points kept per series; older ones are downsampled.")
+    history_points: int = Field(2000, ge=10, description="Points kept per resource series (host, processes, GPUs); older ones are thinned. Training metrics keep up to 2,000,000 rows a stream, drawn with at most 2,000 points a line.")
     log_tail_lines: int = Field(40, ge=0)
     keep_alive: Duration = Field(37.0, description="Websocket keep-alive ping interval.")
     unused_session_lifetime: Duration = Field(15.0, description="Closed browser sessions are freed after this.")

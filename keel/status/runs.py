@@ -26,6 +26,7 @@ from typing import Any, Iterable, Literal
 from pydantic import BaseModel, ConfigDict, ValidationError
 
 from keel.fs.atomic import atomic_write_text
+from keel.fs.osops import OS, write_all
 from keel.status.jsonl import encode_record
 from keel.status.paths import FILE_MODE, RUNS_DIR
 
@@ -35,15 +36,15 @@ SUMMARY_FORMAT = 1
 # run ids become directory names: nothing that could climb out of the archive or hide as a dotfile
 _RUN_ID = re.compile(r"^[A-Za-z0-9_][A-Za-z0-9_.-]{0,63}$")
 
+# How a run ended: running; completed (the entry returned, max_steps reached); stopped (a stop signal:
+# a later start resumes it); failed; interrupted (killed without a word: a later new run closed it).
 End = Literal["running", "completed", "stopped", "failed", "interrupted"]
-# how a run ended, in words, for tables
-END_WORDS = {
-    "running": "running",
-    "completed": "completed",  # the entry returned (max_steps reached)
-    "stopped": "stopped",  # a stop signal; a later start resumes it
-    "failed": "failed",
-    "interrupted": "interrupted",  # killed without a word; a later new run closed it
-}
+
+
+def safe_run_id(text: str | None) -> str:
+    """``text`` made safe as a run's directory name (another keel's or a missing id: "unknown")."""
+    safe = re.sub(r"[^A-Za-z0-9_.-]", "_", text or "unknown").lstrip(".")[:64] or "unknown"
+    return check_run_id(safe if _RUN_ID.match(safe) else "unknown")
 
 
 def check_run_id(run_id: str) -> str:
@@ -152,6 +153,12 @@ def list_runs(root: Path) -> list[RunSummary]:
     return sorted(found, key=lambda s: (s.started, s.id), reverse=True)
 
 
+def list_runs_of(run_dir: str | os.PathLike, trainers: Iterable[str]) -> list[RunSummary]:
+    """Every listed trainer's runs together, newest first (bin/status --runs, the page's table)."""
+    return sorted((s for t in trainers for s in list_runs(runs_root(run_dir, t))),
+                  key=lambda s: (s.started, s.id), reverse=True)
+
+
 def append_metrics(root: Path, run_id: str, records: list[dict]) -> int:
     """Append `records` to the run's metrics.jsonl in one write(); returns the bytes written."""
     if not records:
@@ -160,9 +167,7 @@ def append_metrics(root: Path, run_id: str, records: list[dict]) -> int:
     path = root / check_run_id(run_id) / METRICS_FILE
     fd = os.open(path, os.O_WRONLY | os.O_APPEND | os.O_CREAT | getattr(os, "O_CLOEXEC", 0), FILE_MODE)
     try:
-        view = memoryview(data)
-        while view:  # a short write on a nearly full disk: finish the line, do not tear it
-            view = view[os.write(fd, view):]
+        write_all(OS, fd, data)  # a short write on a nearly full disk: finish the line, or raise (never spin)
     finally:
         os.close(fd)
     return len(data)
@@ -261,7 +266,7 @@ RUN_COLUMNS = ("RUN", "TRAINER", "STARTED", "STEPS", "LOSS", "BEST", "VAL", "BES
 
 def run_row(s: RunSummary) -> tuple[str, ...]:
     """One run as the cells of RUN_COLUMNS (bin/status --runs and the page's table)."""
-    end = END_WORDS.get(s.end, s.end) + (f": {s.error}" if s.error else "")
+    end = s.end + (f": {s.error}" if s.error else "")
     return (s.id, s.trainer, _when(s.started), str(s.steps), _fmt(s.last_loss), _fmt(s.best_loss),
             _fmt(s.last_val_loss), _fmt(s.best_val_loss), s.config_digest, end)
 

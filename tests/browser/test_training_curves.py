@@ -101,6 +101,22 @@ def _session(tmp_path, chromium_path):
     assert not any(p.name() == "chromium" and p.ppid() == os.getpid() for p in psutil.process_iter())
 
 
+def _js_equals_numpy(page, name: str, weight: float) -> bool:
+    import numpy as np
+
+    from dashboard.smoothing import ema
+
+    got = page.evaluate("""(name) => {
+        const d = Bokeh.documents[0].get_model_by_name(name).data;
+        const col = (k) => Array.from(d instanceof Map ? d.get(k) : d[k]);
+        return {x: col('x'), y: col('y'), s: (window.keel_smoothed || {})[name] || null}; }""", name)
+    if not got["s"] or len(got["s"]) != len(got["y"]) or len(got["y"]) < 20:
+        return False  # not drawn yet, or drawn from an older version of the data
+    as_array = lambda v: np.array([np.nan if a is None else a for a in v], dtype=float)  # noqa: E731
+    want = ema(as_array(got["x"]), as_array(got["y"]), weight)
+    return bool(np.allclose(as_array(got["s"]), want, rtol=1e-9, atol=1e-12, equal_nan=True))
+
+
 def test_curves_are_continuous_and_smoothing_follows_the_slider(tmp_path, chromium_path):
     art = _artifacts(tmp_path)
     with _session(tmp_path, chromium_path) as st:
@@ -122,11 +138,14 @@ def test_curves_are_continuous_and_smoothing_follows_the_slider(tmp_path, chromi
         smooth = wait_until(lambda: (s := smoothed()) and s != _series(page, "metrics:trainer")["y"] and s,
                             T, what="weight 0.95 differs from raw")
         assert max(smooth) - min(smooth) < max(raw_like) - min(raw_like)
+        # what the browser drew is dashboard.smoothing.ema (the debiased, time-weighted EMA), not some other average
+        wait_until(lambda: _js_equals_numpy(page, "metrics:trainer", 0.95), T, what="the page's EMA = smoothing.ema")
         page.screenshot(path=str(art / "2-smoothed.png"), full_page=True)
         page.evaluate("() => { Bokeh.documents[0].get_model_by_name('log_toggle:loss').active = true; }")
         wait_until(lambda: page.evaluate("() => Bokeh.documents[0].get_model_by_name('loss_plot_log').visible"),
                    T, what="log loss plot shown")
-        page.wait_for_timeout(500)  # let it paint (for the screenshot only)
+        # two animation frames: the browser has painted the now visible plot (a condition, not a fixed sleep)
+        page.evaluate("() => new Promise(r => requestAnimationFrame(() => requestAnimationFrame(() => r(true))))")
         page.screenshot(path=str(art / "4-log-loss.png"), full_page=True)
 
 

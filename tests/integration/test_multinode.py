@@ -19,7 +19,7 @@ import pytest
 
 from keel.status.models import State
 from keel.status.reader import StatusReader
-from tests.support import PYTHON, REPO_ROOT, free_port, is_alive, wait_until
+from tests.support import keel_config_pids, PYTHON, REPO_ROOT, free_port, is_alive, wait_until
 
 pytestmark = pytest.mark.slow
 
@@ -64,15 +64,7 @@ class Node:
 
     def pids(self) -> set[int]:
         """Every live, non-zombie process carrying this node's KEEL_CONFIG (the agent, its rank)."""
-        prefix = str(self.root / "build" / ENV) + "/"
-        found = set()
-        for proc in psutil.process_iter(["pid"]):
-            try:
-                if proc.environ().get("KEEL_CONFIG", "").startswith(prefix) and proc.status() != psutil.STATUS_ZOMBIE:
-                    found.add(proc.pid)
-            except psutil.Error:
-                pass
-        return found
+        return keel_config_pids(self.root / "build" / ENV)
 
     def rank_pid(self) -> int | None:
         st = self.rank()
@@ -192,7 +184,18 @@ def test_a_sigkilled_rank_brings_both_nodes_back_from_the_checkpoint(job):
     for node in job:
         step = node.payload()["step"]
         assert step >= ckpt > 0, (node.name, step, ckpt)  # resumed from the checkpoint, not from 0
-    assert any("resume" in line for line in (other.root / "var" / "log" / "trainer.log").read_text().splitlines())
+    # the other node's rank really loaded the checkpoint (its "resume" log event), not just ran on past it
+    resumes = [r for r in map(_json_or_none, (other.root / "var" / "log" / "trainer.log").read_text().splitlines())
+               if r and r.get("event") == "resume"]
+    assert resumes and resumes[-1]["step"] >= ckpt, resumes
+
+
+def _json_or_none(line: str) -> dict | None:
+    try:
+        rec = json.loads(line)
+    except ValueError:
+        return None
+    return rec if isinstance(rec, dict) else None
 
 
 def test_a_stopped_node_leaves_the_other_honestly_failed_or_waiting(job):

@@ -54,8 +54,6 @@ def test_a_million_points_keep_the_spike_and_the_band():
     s = curves.draw(rows, live, "loss", 2000, gaps)
     assert len(s) <= 2000 and s.y.max() == 50.0 and s.hi.max() == 50.0
     assert np.all(s.lo <= s.y) and np.all(s.y <= s.hi)
-    z = curves.draw(rows, live, "loss", 2000, gaps, x_range=(500_000.0, 500_999.0))
-    assert len(z) >= 1000  # the visible range at full resolution
 
 
 def test_history_reduction_keeps_every_spike():
