@@ -126,7 +126,11 @@ def browser_cpu_seconds(profile: Path) -> float:
     return total
 
 
-def cycles_since(log_path: Path, since_wall: float) -> list[float]:
+def cycles_since(log_path: Path, since_wall: float, key: str = "cycle_ms", window_s: float = 0.0) -> list[float]:
+    """Every refresh cycle's time (``key`` "session_ms": every session update's) logged since ``since_wall``.
+
+    A refresh_stats line holds the cycles of the ``window_s`` (dashboard.collector.STATS_EVERY_S) before
+    it: with ``window_s``, only lines whose whole window began after ``since_wall`` count."""
     out: list[float] = []
     for line in log_path.read_text(errors="replace").splitlines():
         if '"refresh_stats"' not in line:
@@ -137,9 +141,31 @@ def cycles_since(log_path: Path, since_wall: float) -> list[float]:
             continue
         from datetime import datetime
 
-        if datetime.fromisoformat(rec["ts"]).timestamp() >= since_wall:
-            out.extend(rec["cycle_ms"])
+        if datetime.fromisoformat(rec["ts"]).timestamp() - window_s >= since_wall:
+            out.extend(rec.get(key, []))
     return out
+
+
+def start_dashboard(cfg: Path, log_path: Path, env: dict, timeout: float = 120.0) -> subprocess.Popen:
+    """``python -m dashboard`` on ``cfg``, logging to ``log_path``; returns once it listens."""
+    with open(log_path, "ab") as logf:
+        dash = subprocess.Popen([PY, "-m", "dashboard", "--config", str(cfg)], cwd=REPO, env=env,
+                                stdout=logf, stderr=logf, start_new_session=True)
+    deadline = time.monotonic() + timeout
+    while b"listening" not in log_path.read_bytes():
+        if dash.poll() is not None or time.monotonic() > deadline:
+            kill_all([dash])
+            raise SystemExit(f"dashboard did not start:\n{log_path.read_text()[-2000:]}")
+        time.sleep(0.1)
+    return dash
+
+
+def kill_all(procs: list[subprocess.Popen]) -> None:
+    """SIGKILL the process group of each one still running, and reap it."""
+    for p in procs:
+        if p.poll() is None:
+            os.killpg(p.pid, signal.SIGKILL)
+            p.wait()
 
 
 def pct(values: list[float], q: float) -> float:
@@ -178,15 +204,8 @@ def main(argv: list[str] | None = None) -> int:
         writer = subprocess.Popen([PY, __file__, "--writer", str(root / "run"), str(args.streams), str(args.rate)],
                                   env=env, start_new_session=True)
         procs.append(writer)
-        with open(log_path, "ab") as logf:
-            dash = subprocess.Popen([PY, "-m", "dashboard", "--config", str(cfg)], cwd=REPO, env=env,
-                                    stdout=logf, stderr=logf, start_new_session=True)
+        dash = start_dashboard(cfg, log_path, env, timeout=60)
         procs.append(dash)
-        deadline = time.monotonic() + 60
-        while b"listening" not in log_path.read_bytes():
-            if dash.poll() is not None or time.monotonic() > deadline:
-                raise SystemExit(f"dashboard did not start:\n{log_path.read_text()[-2000:]}")
-            time.sleep(0.2)
         rss_boot = rss(dash.pid)
         profile = root / "chromium-profile"
         with sync_playwright() as pw:
@@ -245,10 +264,7 @@ def main(argv: list[str] | None = None) -> int:
         exit_code = dash.wait(timeout=30)
         term_s = time.monotonic() - t_term
     finally:
-        for p in procs:
-            if p.poll() is None:
-                os.killpg(p.pid, signal.SIGKILL)
-                p.wait()
+        kill_all(procs)
 
     result = {
         "ran": {"minutes": args.minutes, "warmup_s": args.warmup, "idle_s": args.idle, "streams": args.streams,

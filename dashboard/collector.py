@@ -115,6 +115,7 @@ class Collector:
         self.last_refresh_wall: datetime | None = None
         self.last_refresh_mono: float | None = None
         self.cycle_seconds: collections.deque[float] = collections.deque(maxlen=2000)
+        self.session_seconds: collections.deque[float] = collections.deque(maxlen=20_000)  # each session update
         self.cycles = 0
         self.sessions = 0
         self.generation = 0  # bumps after every cycle; sessions skip work when unchanged
@@ -258,10 +259,12 @@ class Collector:
     def _log_stats(self) -> None:
         """One line with every cycle time of the window: cheap, and enough for exact percentiles."""
         ms = sorted(round(x * 1000, 2) for x in self._window)
+        session_ms = sorted(round(x * 1000, 2) for x in self.session_seconds)  # the sessions' updates (page.py)
+        self.session_seconds.clear()
         log.info(
             "refresh p50 %.1f ms, p95 %.1f ms over %d cycles", ms[len(ms) // 2], ms[max(0, int(len(ms) * 0.95) - 1)],
-            len(ms), extra={"event": "refresh_stats", "cycle_ms": ms, "sessions": self.sessions,
-                            "errors": len(self.errors)},
+            len(ms), extra={"event": "refresh_stats", "cycle_ms": ms, "session_ms": session_ms,
+                            "sessions": self.sessions, "errors": len(self.errors)},
         )
 
     def _report(self, now_wall: datetime, errors: dict[str, str]) -> bool:

@@ -12,6 +12,7 @@ read what the collector read off the loop (dashboard.rundir).
 from __future__ import annotations
 
 import logging
+import time
 from typing import Any
 
 from bokeh.document import Document
@@ -350,7 +351,9 @@ def _pusher(doc: Document, view: SessionView) -> Any:
     def run() -> None:
         nonlocal pending
         pending = False
+        t0 = time.perf_counter()
         view.update()
+        view.c.session_seconds.append(time.perf_counter() - t0)  # in refresh_stats: the bench's session cost
 
     def push() -> None:
         nonlocal pending
