@@ -26,6 +26,7 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
+from keel.config.phases import AutoTimeout as AutoDefaults  # noqa: E402
 from keel.render.contract import AutoTimeout  # noqa: E402
 from keel.status.models import ProcessStatus, TrainingStatus  # noqa: E402
 from keel.status.reader import StatusReader  # noqa: E402
@@ -38,7 +39,7 @@ STALL_AFTER = 4.0
 STATUS_INTERVAL = 1.0  # report.status_interval's default
 POLL = 2.0  # the dev watchdog's poll_interval
 FIXED = 600.0
-AUTO = AutoTimeout(k=10.0, floor=2.0, ceiling=600.0, ceilings={}, min_samples=3)
+AUTO = AutoTimeout(**AutoDefaults().model_dump())  # the shipped defaults (k 10, floor 2 s, ceiling 10 m)
 
 
 def trial(run_dir: Path) -> tuple[float, float, str]:

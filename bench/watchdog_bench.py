@@ -247,7 +247,7 @@ def run_incidents(reps: int, py_spy_delay: float) -> dict:
     """Hang one worker of four ``reps`` times; time to the incident, capture time, poll gaps during it."""
     import threading
 
-    from keel.watch.incidents import list_incidents
+    from keel.watch.incidents import newest_incident
 
     tmp = Path(tempfile.mkdtemp(prefix="kbi", dir="/tmp"))
     py_spy = str(Path(PY).parent / "py-spy")
@@ -278,10 +278,10 @@ def run_incidents(reps: int, py_spy_delay: float) -> dict:
             st = wait(lambda: stack.reporting("w0"), 30)
             if not st:
                 continue
-            before = {i["id"] for i in list_incidents(stack.run_dir)}
+            before = (newest_incident(stack.run_dir) or {}).get("id")
             t0 = time.time()
             os.kill(st.pid, signal.SIGUSR1)
-            new = wait(lambda: [i for i in list_incidents(stack.run_dir) if i["id"] not in before], 30)
+            new = wait(lambda: [i for i in [newest_incident(stack.run_dir)] if i and i["id"] != before], 30)
             if not new:
                 continue
             inc = new[0]
@@ -294,7 +294,7 @@ def run_incidents(reps: int, py_spy_delay: float) -> dict:
             window = [p for p in polls if start - 2 * POLL <= p <= end + 2 * POLL]
             inside = [b - a for a, b in zip(window, window[1:]) if b >= start and a <= end]
             gaps.append(max(inside) if inside else None)
-            wait(lambda: stack.reporting("w0") and stack.reporting("w0").pid != st.pid, 30)
+            wait(lambda: (now := stack.reporting("w0")) is not None and now.pid != st.pid, 30)
     finally:
         stop.set()
         th.join(5)

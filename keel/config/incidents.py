@@ -15,7 +15,6 @@ __all__ = ["IncidentSettings"]
 class IncidentSettings(Strict):
     """Incident bundles (docs/watchdog.md, "Incidents")."""
 
-
     enabled: bool = Field(True, description="Capture an incident (stacks, logs, metrics, resources) before a hung, frozen or over-limit process is restarted or given up on.")
     capture_timeout: Duration = Field(5.0, description="The restart waits at most this long for the incident; what is not captured by then is marked missing.")
     keep: int = Field(20, ge=1, le=10000, description="Incidents kept in <run_dir>/incidents; the oldest beyond this are deleted.")

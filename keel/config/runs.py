@@ -17,7 +17,6 @@ __all__ = ["RunRetention"]
 class RunRetention(Strict):
     """Past runs kept under ``<run_dir>/runs/<trainer>/`` (the live run is never pruned)."""
 
-
     keep: int = Field(20, ge=1, le=10_000, description="Runs kept, the live one included; the oldest past runs are deleted first.")
     max_bytes: Size = Field(
         512 * 1024 * 1024,

@@ -41,7 +41,6 @@ def node_range(nnodes: int | str) -> tuple[int, int]:
 class TorchrunSettings(Strict):
     """How torchrun launches the trainer's ranks (docs/deployment.md, "Multi-node")."""
 
-
     nproc_per_node: int = Field(2, ge=1, le=64, description="Worker processes per node (one per GPU on GPU hosts).")
     nnodes: int | str = Field(
         1, description='Nodes: a number, or an elastic range "min:max" (keel reads an unquoted 1:4 as the range, not a YAML 1.1 base-60 number); 1 uses --standalone rendezvous.'

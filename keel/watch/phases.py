@@ -12,7 +12,7 @@ The stats are learned per run and resumed with its checkpoint (the trainer saves
 them there), so a restarted run keeps its history; a new run starts afresh.
 
 Nothing here reads a clock or a file: ``keel.watch.health.progress_rule`` calls
-``phase_verdict`` with the status and ``now_mono``.
+``stuck_phase`` with the status and ``now_mono``.
 """
 
 from __future__ import annotations

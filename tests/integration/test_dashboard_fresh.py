@@ -5,7 +5,6 @@ from __future__ import annotations
 import http.client
 import json
 import re
-import time
 
 import pytest
 
@@ -90,13 +89,11 @@ def test_status_writes_reach_an_open_page_without_waiting_for_the_refresh(tmp_pa
             page = ctx.new_page()
             page.goto(f"http://127.0.0.1:{port}/", wait_until="load", timeout=T * 1000)
             page.wait_for_function("() => window.Bokeh && Bokeh.documents.length > 0", timeout=T * 1000)
-            t0 = time.monotonic()
             wait_until(lambda: _shown_step(page) is not None, T, interval=0.1, what="a step on the page")
             seen = {_shown_step(page)}
-            wait_until(lambda: seen.add(_shown_step(page)) or len(seen) >= 4, T, interval=0.05,
+            # refresh is 30 s: four steps within 25 s can only come from change-driven pushes
+            wait_until(lambda: seen.add(_shown_step(page)) or len(seen) >= 4, 25, interval=0.05,
                        what="three more steps pushed to the page")
-            took = time.monotonic() - t0
         finally:
             ctx.close()
-    assert took < 30.0, f"the page changed only after {took:.1f} s: at the refresh, not on the writes"
-    assert sorted(seen) == sorted(s for s in seen if s is not None) and max(seen) > min(seen)
+    assert None not in seen  # the step stayed on the page while it moved (never blanked between pushes)

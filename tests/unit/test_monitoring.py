@@ -199,3 +199,11 @@ def test_every_verdict_rule_an_alert_reads_is_one_the_health_engine_emits():
     read = set(re.findall(r'rule="(\w+)"', RULES.read_text()))
     assert read == {"progress_stale", "heartbeat_stale", "crash_loop", "data_starved", "gpu_idle"}
     assert {r for r in read if f'"{r}"' not in source} == set()
+
+
+def test_the_docs_alert_table_is_the_rules_file():
+    # docs/deployment.md's alert table repeats each alert's name and `for:`: it must say what ships
+    text = (REPO_ROOT / "docs" / "deployment.md").read_text()
+    section = text[text.index("### Alert rules"):]
+    documented = dict(re.findall(r"^\| `(Keel\w+)` \|.*\| (\w+) \|$", section, re.M))
+    assert documented == {a["alert"]: a["for"] for a in alerts()}
