@@ -238,11 +238,13 @@ from trainer.multinode import check_shared_checkpoints
 dist.init_process_group("gloo")
 rank = dist.get_rank()
 where = Path(sys.argv[1] if rank == 0 or sys.argv[3] == "shared" else sys.argv[2])
+# Each rank writes its own answer file: two ranks printing to one inherited pipe can interleave.
+answer = Path(sys.argv[4]) / f"rank{rank}.txt"
 try:
     check_shared_checkpoints(where, rank, f"n{rank}", "job-1")
-    print(f"rank {rank}: OK")
+    answer.write_text(f"rank {rank}: OK")
 except RuntimeError as e:
-    print(f"rank {rank}: ERROR {e}")
+    answer.write_text(f"rank {rank}: ERROR {e}")
 dist.destroy_process_group()
 """
 
@@ -253,10 +255,10 @@ def test_the_start_check_tells_a_shared_checkpoint_dir_from_separate_ones(tmp_pa
     script = tmp_path / "check.py"
     script.write_text(CHECK)
     dirs = [tmp_path / "ckpt-a", tmp_path / "ckpt-b"]
-    argv = [str(Path(PYTHON).parent / "torchrun"), "--nproc-per-node", "2", "--standalone", str(script), *map(str, dirs), layout]
+    argv = [str(Path(PYTHON).parent / "torchrun"), "--nproc-per-node", "2", "--standalone", str(script), *map(str, dirs), layout, str(tmp_path)]
     done = subprocess.run(argv, capture_output=True, text=True, timeout=120, env={**os.environ, "PYTHONPATH": str(REPO_ROOT)})
     assert done.returncode == 0, done.stderr[-2000:]
-    lines = sorted(line for line in done.stdout.splitlines() if line.startswith("rank "))
+    lines = [(tmp_path / f"rank{rank}.txt").read_text() for rank in (0, 1)]
     if layout == "shared":
         assert lines == ["rank 0: OK", "rank 1: OK"]
     else:
