@@ -61,11 +61,12 @@ class Series:
 
     def columns(self, t0: float | None = None) -> dict[str, list[float]]:
         """Source columns: x (step, the default x), step, t (wall time in ms since the epoch, as Bokeh's
-        datetime axes and formatters take it), rel (seconds since ``t0``, the run's first wall time), y, band."""
+        datetime axes and formatters take it), rel (ms since ``t0``, the run's first wall time: in ms, a datetime
+        ticker puts its ticks on whole seconds, minutes and hours of the duration), y, band."""
         t0 = t0 if t0 is not None and math.isfinite(t0) else (float(np.nanmin(self.t)) if np.isfinite(self.t).any()
                                                               else 0.0)
         return {"x": self.step.tolist(), "step": self.step.tolist(), "t": (self.t * 1000.0).tolist(),
-                "rel": (self.t - t0).tolist(), "y": self.y.tolist(), "lo": self.lo.tolist(), "hi": self.hi.tolist()}
+                "rel": ((self.t - t0) * 1000.0).tolist(), "y": self.y.tolist(), "lo": self.lo.tolist(), "hi": self.hi.tolist()}
 
 
 def _empty() -> Series:
@@ -116,6 +117,24 @@ def draw(rows: dict[str, np.ndarray], idx: np.ndarray, metric: str, n_out: int,
     return Series(s, tt, yy, lo, hi)
 
 
+def within(rows: dict[str, np.ndarray], idx: np.ndarray, window: tuple[str, float, float]) -> np.ndarray:
+    """The rows ``idx`` whose ``window`` column (``step`` or ``t``) lies in [lo, hi], and one more on each
+    side, so the line runs on to the plot's edges instead of stopping short of them."""
+    col, lo, hi = window
+    v = rows[col][idx]
+    k = np.flatnonzero((v >= lo) & (v <= hi))
+    if not len(k):
+        return idx[:0]
+    return idx[max(0, int(k[0]) - 1): int(k[-1]) + 2]
+
+
+def covers(rows: dict[str, np.ndarray], window: tuple[str, float, float]) -> bool:
+    """True when ``window`` holds every row of the stream (a reset view, padded): nothing to zoom into."""
+    col, lo, hi = window
+    v = rows[col][np.isfinite(rows[col])]
+    return not len(v) or (lo <= float(v.min()) and hi >= float(v.max()))
+
+
 @dataclass(frozen=True)
 class Frame:
     """What every session draws of one stream at one History serial: computed once, shared by all."""
@@ -125,12 +144,22 @@ class Frame:
     resumes: list[tuple[float, str]]  # (step, hover text) where a later incarnation resumed
     live_step: np.ndarray  # the loss line's live rows, where markers placed by wall time go
     live_t: np.ndarray
+    t0: float | None  # the stream's first wall time: relative time counts from it
 
 
-def frame(rows: dict[str, np.ndarray], stream: str, metrics: tuple[str, ...], n_out: int) -> Frame:
-    """Every metric's live line and lost work, downsampled to ``n_out``, and the resumes, of one stream."""
+def first_time(rows: dict[str, np.ndarray]) -> float | None:
+    """The stream's first wall time (epoch seconds), where its relative time is 0; None without times."""
     fin_t = rows["t"][np.isfinite(rows["t"])]
-    t0 = float(fin_t.min()) if len(fin_t) else None  # relative time counts from the stream's first record
+    return float(fin_t.min()) if len(fin_t) else None
+
+
+def frame(rows: dict[str, np.ndarray], stream: str, metrics: tuple[str, ...], n_out: int,
+          window: tuple[str, float, float] | None = None) -> Frame:
+    """Every metric's live line and lost work, downsampled to ``n_out``, and the resumes, of one stream.
+
+    With a ``window`` (column ``step`` or ``t``, lo, hi: a zoomed plot's visible range), only the rows in it
+    are drawn, so the ``n_out`` points show that range at full resolution (down to every row)."""
+    t0 = first_time(rows)
     live_cols, lost_cols = {}, {}
     live_step = live_t = np.empty(0)
     step = rows["step"]
@@ -138,6 +167,9 @@ def frame(rows: dict[str, np.ndarray], stream: str, metrics: tuple[str, ...], n_
     lost = lost_mask(step, starts)
     for metric in metrics:
         live, gone, gaps = split(rows, metric, starts, lost)
+        if window is not None:
+            live, gone = within(rows, live, window), within(rows, gone, window)
+            gaps = gaps[np.isin(gaps, live)]
         s, g = draw(rows, live, metric, n_out, gaps), draw(rows, gone, metric, n_out)
         live_cols[metric] = {**s.columns(t0), "run": [stream] * len(s)}
         lost_cols[metric] = {**g.columns(t0), "run": [stream + " (lost work)"] * len(g)}
@@ -148,4 +180,4 @@ def frame(rows: dict[str, np.ndarray], stream: str, metrics: tuple[str, ...], n_
         prev = step[:start][np.isfinite(step[:start])]
         resumes.append((float(step[start]), f"{stream}: restart, resumed at step {step[start]:.0f}"
                         + (f" (steps {step[start]:.0f}-{prev.max():.0f} lost)" if len(prev) else "")))
-    return Frame(live_cols, lost_cols, resumes, live_step, live_t)
+    return Frame(live_cols, lost_cols, resumes, live_step, live_t, t0)

@@ -123,7 +123,7 @@ class SessionView:
             sizing_mode="stretch_width", name="page",
         )
         self.update()
-        _unsynced(self.layout)
+        _unsynced(self.layout, keep=self.plots.synced)
 
     # ----------------------------------------------------------------- series
 
@@ -322,11 +322,12 @@ def _key_html(keys: list[tuple[str, str]]) -> str:
                     for color, label in keys)
 
 
-def _unsynced(root: Any) -> None:
-    """The browser never sends this page's models back: the server does not read them, and
-    auto-ranging plots otherwise send new range bounds for every streamed point."""
+def _unsynced(root: Any, keep: tuple[Any, ...] = ()) -> None:
+    """The browser sends none of this page's models back but ``keep`` (what the viewer chooses): the
+    server does not read them, and auto-ranging plots otherwise send new range bounds for every
+    streamed point."""
     for model in root.references():
-        model.syncable = False
+        model.syncable = model in keep
 
 
 def _kind(r: ProcessStatus | ReadError | None) -> str | None:

@@ -1,8 +1,10 @@
 """The training figures of one browser session: per-metric continuous lines, lost work faint,
 restarts marked, a debiased time-weighted EMA over the faint raw line (computed in the browser:
 the slider needs no server round trip), a log/linear y toggle per plot, a min/max band where a
-point stands for many, and past runs overlaid (``overlay``). Data comes from the collector's
-full-resolution History; what is drawn is downsampled with MinMaxLTTB (dashboard.curves)."""
+point stands for many, past runs overlaid (``overlay``), x as step, relative time or wall clock
+(dashboard.xaxis), and a zoomed plot redrawn from the full-resolution rows of its visible range. Data
+comes from the collector's full-resolution History; what is drawn is downsampled with MinMaxLTTB
+(dashboard.curves)."""
 
 from __future__ import annotations
 
@@ -11,15 +13,17 @@ import math
 from typing import Any, Callable
 
 import numpy as np
+from bokeh.events import RangesUpdate, Reset
 from bokeh.layouts import column, row
 from bokeh.models import (
-    ColumnDataSource, CustomJS, CustomJSHover, CustomJSTransform, HoverTool, Line, Scatter, Slider, Toggle, VArea,
+    ColumnDataSource, CustomJS, CustomJSHover, CustomJSTransform, HoverTool, Line, Scatter, Select, Slider, Toggle,
+    VArea,
 )
 from bokeh.palettes import Category10_10
 from bokeh.plotting import figure
 from bokeh.transform import transform
 
-from dashboard import curve_events, curves
+from dashboard import curve_events, curves, xaxis
 from dashboard.history import History
 from dashboard.smoothing import SMOOTH_JS
 
@@ -27,6 +31,7 @@ from dashboard.smoothing import SMOOTH_JS
 METRICS = (("loss", "loss"), ("val_loss", "loss"), ("samples_per_s", "throughput"), ("lr", "lr"))
 FIGURES = (("loss", "loss and validation loss (dots)"), ("throughput", "throughput (samples/s)"),
            ("lr", "learning rate"))
+METRICS_OF = {key: tuple(m for m, k in METRICS if k == key) for key, _ in FIGURES}
 N_OUT = 2000  # points drawn per line: MinMaxLTTB keeps every spike of any length in these
 _TOOLTIPS = [("run", "@run"), ("step", "@step{0,0}"), ("wall time", "@t{%F %T}"), ("value", "@y{raw}"),
              ("smoothed", "@y{smoothed}"), ("band", "@lo{0.0000g} to @hi{0.0000g}")]
@@ -57,13 +62,25 @@ class TrainingPlots:
     def __init__(self) -> None:
         self.smoothing = Slider(start=0, end=0.99, step=0.01, value=0.6, title="smoothing (debiased EMA)",
                                 name="smoothing", width=260)
+        self.x_mode = "step"
+        self.x_select = Select(title="x axis", value=self.x_mode, options=list(xaxis.MODES.items()), name="x_mode",
+                               width=170)
+        # The one model of the plots the browser sends back: the server redraws every line in the new x.
+        self.synced = (self.x_select,)
+        self.x_select.on_change("value", lambda attr, old, new: self.set_x_mode(new))
+        self.zoom: dict[str, tuple[float, float]] = {}  # figure key -> visible x range, while zoomed in
+        self._rows: dict[str, dict[str, np.ndarray]] = {}  # stream -> the History rows last drawn
         self.figs: dict[str, Any] = {}
         self.log_figs: dict[str, Any] = {}
         toggles = []
         for key, title in FIGURES:
             lin = self._fig(title, key, "linear")
-            log_ = self._fig(title + " (log y)", key, "log")
+            log_ = self._fig(title + " (log y)", key, "log", x_range=lin.x_range)  # one x range: one zoom
             log_.visible = False
+            for f in (lin, log_):
+                # a zoom or pan ends with RangesUpdate; the reset tool sends RangesUpdate, then Reset
+                f.on_event(RangesUpdate, functools.partial(self._on_range, key))
+                f.on_event(Reset, functools.partial(self._on_reset, key))
             self.figs[key], self.log_figs[key] = lin, log_
             tog = Toggle(label=f"log y: {key}", name=f"log_toggle:{key}", width=120, active=False)
             tog.js_on_change("active", CustomJS(args={"lin": lin, "log": log_},
@@ -73,7 +90,7 @@ class TrainingPlots:
         self.sources: dict[str, ColumnDataSource] = {}
         self.lost_sources: dict[str, ColumnDataSource] = {}
         # one marker source per figure: each marker sits on that figure's own line (its y scale)
-        self.events = {k: ColumnDataSource({"x": [], "y": [], "what": [], "kind": [], "color": []},
+        self.events = {k: ColumnDataSource({"x": [], "step": [], "y": [], "what": [], "kind": [], "color": []},
                                            name="training_events" if k == "loss" else f"training_events:{k}")
                        for k, _ in FIGURES}
         self.sent: dict[str, int] = {}  # stream -> the History serial last drawn
@@ -86,22 +103,26 @@ class TrainingPlots:
             for f in (self.figs[key], self.log_figs[key]):
                 r = f.add_glyph(self.events[key], Scatter(x="x", y="y", marker="inverted_triangle", size=11,
                                                           fill_color="color", line_color="black"))
-                f.add_tools(HoverTool(renderers=[r], tooltips=[("event", "@what"), ("step", "@x{0,0}")]))
+                f.add_tools(HoverTool(renderers=[r], tooltips=[("event", "@what"), ("step", "@step{0,0}")]))
         self.smoothing.js_on_change("value", CustomJS(args={"ts": self.smoothed_transforms}, code="""
             for (const t of ts) t.change.emit();
             for (const d of Bokeh.documents) for (const m of d.all_models)
               if (m.type === 'ColumnDataSource' || (m.constructor && m.constructor.__name__ === 'ColumnDataSource'))
                 if (m.name && m.name.startsWith('metrics:')) m.change.emit();"""))
-        self.layout = column(row(self.smoothing, *toggles, sizing_mode="stretch_width"),
+        # Switching x resets each plot's view in the browser at once (the old range is in the old unit).
+        self.x_select.js_on_change("value", CustomJS(args={"figs": [f for k in self.figs for f in
+                                                                    (self.figs[k], self.log_figs[k])]},
+                                                     code="for (const f of figs) f.reset.emit()"))
+        self.layout = column(row(self.smoothing, self.x_select, *toggles, sizing_mode="stretch_width"),
                              row(*[column(self.figs[k], self.log_figs[k], sizing_mode="stretch_width")
                                    for k, _ in FIGURES], sizing_mode="stretch_width"),
                              sizing_mode="stretch_width")
 
     @staticmethod
-    def _fig(title: str, key: str, y_axis_type: str) -> Any:
+    def _fig(title: str, key: str, y_axis_type: str, **kw: Any) -> Any:
         f = figure(title=title, height=230, sizing_mode="stretch_width", y_axis_type=y_axis_type,
                    tools="pan,wheel_zoom,box_zoom,reset,save", name=f"{key}_plot" if y_axis_type == "linear"
-                   else f"{key}_plot_log")
+                   else f"{key}_plot_log", **kw)
         f.xaxis.axis_label = "step"
         f.toolbar.logo = None
         return f
@@ -145,20 +166,61 @@ class TrainingPlots:
             if f"{stream}/loss" not in self.sources:
                 for metric, _ in METRICS:
                     self._add_metric(stream, metric, Category10_10[i % 10])
-                for m in self.layout.references():  # the browser sends nothing back (sliders/toggles act in JS)
-                    m.syncable = False
+                for m in self.layout.references():  # the browser sends back only the x select (sliders and
+                    m.syncable = m in self.synced   # toggles act in JS, zooms come as events)
             if hist.last_serial == self.sent.get(stream, -1):
                 continue
-            make = functools.partial(curves.frame, hist.arrays(), stream, tuple(m for m, _ in METRICS), N_OUT)
+            self._rows[stream] = rows = hist.arrays()
+            make = functools.partial(curves.frame, rows, stream, tuple(m for m, _ in METRICS), N_OUT)
             self.frames[stream] = make() if frame is None else frame(stream, make)
-            for metric, _ in METRICS:
-                self.sources[f"{stream}/{metric}"].data = self.frames[stream].live[metric]
-                self.lost_sources[f"{stream}/{metric}"].data = self.frames[stream].lost[metric]
+            self._fill(stream, [k for k, _ in FIGURES])
             self.sent[stream] = hist.last_serial
             sent = True
         if sent or new_events:
             self._draw_markers()
         return sent or new_events
+
+    def _fill(self, stream: str, keys: list[str]) -> None:
+        """Send the lines of ``stream`` in the figures ``keys``: the shared frame, or for a zoomed-in
+        figure this session's own frame of the visible range, drawn from the full-resolution rows."""
+        rows, shared = self._rows[stream], self.frames[stream]
+        for key in keys:
+            f = shared
+            if key in self.zoom:
+                win = xaxis.window(self.x_mode, *self.zoom[key], shared.t0)
+                if not curves.covers(rows, win):
+                    f = curves.frame(rows, stream, METRICS_OF[key], N_OUT, window=win)
+            for metric in METRICS_OF[key]:
+                self.sources[f"{stream}/{metric}"].data = xaxis.with_x(f.live[metric], self.x_mode)
+                self.lost_sources[f"{stream}/{metric}"].data = xaxis.with_x(f.lost[metric], self.x_mode)
+
+    # ------------------------------------------------------ reading tools
+
+    def set_x_mode(self, mode: str) -> None:
+        """Draw every line, marker and overlay against ``mode`` (a key of xaxis.MODES)."""
+        if mode not in xaxis.MODES or mode == self.x_mode:
+            return
+        self.x_mode = mode
+        self.zoom.clear()  # a range in the old unit means nothing in the new one (the browser reset the view)
+        for f in [*self.figs.values(), *self.log_figs.values()]:
+            f.xaxis.axis_label, f.xaxis.ticker, f.xaxis.formatter = xaxis.axis_models(mode)
+        for stream in self._rows:
+            self._fill(stream, [k for k, _ in FIGURES])
+        for src in {id(r.data_source): r.data_source for rs in self.overlays.values() for _, r in rs}.values():
+            src.data = xaxis.with_x(dict(src.data), mode)
+        self._draw_markers()
+
+    def _on_range(self, key: str, event: RangesUpdate) -> None:
+        if event.x0 is None or event.x1 is None:
+            return
+        self.zoom[key] = (float(event.x0), float(event.x1))
+        for stream in self._rows:
+            self._fill(stream, [key])
+
+    def _on_reset(self, key: str, event: Reset) -> None:
+        if self.zoom.pop(key, None) is not None:
+            for stream in self._rows:
+                self._fill(stream, [key])
 
     def _marks(self, stream: str) -> list[curve_events.Marker]:
         f = self.frames[stream]
@@ -166,17 +228,20 @@ class TrainingPlots:
             self._records, stream, f.live_step, f.live_t, self._processes.get(stream, ()))
 
     def _draw_markers(self) -> None:
-        # every stream's markers, each on its stream's line in each figure (that figure's y scale)
+        # every stream's markers, each on its stream's line in each figure (that figure's y scale), placed
+        # from the whole line (a zoomed-in source holds only the visible range), at the marker's x in the
+        # chosen unit (its step mapped through the line's step -> x)
         marks_of = {stream: self._marks(stream) for stream in self.frames}
         for key, metric in (("loss", "loss"), ("throughput", "samples_per_s"), ("lr", "lr")):
-            cols: dict[str, list] = {"x": [], "y": [], "what": [], "kind": [], "color": []}
+            cols: dict[str, list] = {"x": [], "step": [], "y": [], "what": [], "kind": [], "color": []}
             for stream, marks in marks_of.items():
-                d = self.sources[f"{stream}/{metric}"].data
-                fin = [(x, y) for x, y in zip(d["step"], d["y"]) if y == y]
+                d = self.frames[stream].live[metric]
+                fin = [(s, x, y) for s, x, y in zip(d["step"], d[self.x_mode], d["y"]) if y == y and x == x]
+                steps, xs, ys = [p[0] for p in fin], [p[1] for p in fin], [p[2] for p in fin]
                 for m in marks:
-                    cols["x"].append(m.step)
-                    cols["y"].append(float(np.interp(m.step, [p[0] for p in fin], [p[1] for p in fin]))
-                                     if fin else math.nan)
+                    cols["x"].append(float(np.interp(m.step, steps, xs)) if fin else math.nan)
+                    cols["y"].append(float(np.interp(m.step, steps, ys)) if fin else math.nan)
+                    cols["step"].append(m.step)
                     cols["what"].append(m.what)
                     cols["kind"].append(m.kind)
                     cols["color"].append(_MARK_COLORS.get(m.kind, "red"))
@@ -196,7 +261,8 @@ class TrainingPlots:
             s = curves.draw(rows, live, metric, N_OUT, gaps)
             if not len(s):
                 continue
-            src = ColumnDataSource({**s.columns(), "run": [label] * len(s)}, name=f"overlay:{label}:{metric}")
+            src = ColumnDataSource(xaxis.with_x({**s.columns(), "run": [label] * len(s)}, self.x_mode),
+                                   name=f"overlay:{label}:{metric}")
             for f in (self.figs[key], self.log_figs[key]):
                 glyph = (Line(x="x", y="y", line_color="black", line_dash="dashed", line_width=1.5, line_alpha=0.8)
                          if baseline else Line(x="x", y="y", line_color="grey", line_dash="dashed", line_alpha=0.5))

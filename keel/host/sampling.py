@@ -67,7 +67,8 @@ class ResourceSampler:
         self._procs: dict[tuple[int, int], psutil.Process] = {}
         psutil.cpu_percent(None)  # prime the host counter (first call always returns 0.0)
 
-    def _proc(self, pid: int, start_ticks: int | None) -> psutil.Process:
+    def _proc(self, pid: int, start_ticks: int | None) -> tuple[psutil.Process, bool]:
+        """The kept Process object of ``pid``, and whether it was made just now (no CPU baseline yet)."""
         key = (pid, start_ticks)
         proc = self._procs.get(key)
         # Keyed by (pid, start time): a reused pid gets a fresh object, so a fresh CPU baseline.
@@ -75,18 +76,22 @@ class ResourceSampler:
             proc = psutil.Process(pid)
             proc.cpu_percent(None)
             self._procs[key] = proc
-        return proc
+            return proc, True
+        return proc, False
 
-    def _measure(self, proc: psutil.Process) -> tuple[int, float]:
+    def _measure(self, proc: psutil.Process, fresh: bool) -> tuple[int, float]:
         with proc.oneshot():  # one read of /proc/<pid>/stat for both
-            return proc.memory_info().rss, proc.cpu_percent(None)
+            rss, cpu = proc.memory_info().rss, proc.cpu_percent(None)
+        # A baseline taken microseconds ago: one clock tick of CPU over that instant reads as thousands
+        # of percent. The first sample of a process has no CPU figure yet; it counts 0.
+        return rss, 0.0 if fresh else cpu
 
     def _sample_tree(self, pid: int, table: dict[int, tuple[int, int]], kids: dict[int, list[int]],
                      seen: set) -> ProcessSample:
         if pid not in table:
             return ProcessSample(pid, False, None, 0, 0.0, 0)
         try:
-            root = self._proc(pid, table[pid][1])
+            root, root_fresh = self._proc(pid, table[pid][1])
             with root.oneshot():
                 create_time = root.create_time()
                 if root.status() == psutil.STATUS_ZOMBIE:
@@ -101,7 +106,8 @@ class ResourceSampler:
             member = todo.pop()
             todo.extend(kids.get(member, ()))
             try:
-                m_rss, m_cpu = self._measure(self._proc(member, table[member][1]))
+                proc, fresh = self._proc(member, table[member][1])
+                m_rss, m_cpu = self._measure(proc, fresh or (member == pid and root_fresh))
             except (psutil.NoSuchProcess, psutil.AccessDenied, psutil.ZombieProcess):
                 continue  # a child that exited since /proc was listed
             rss += m_rss

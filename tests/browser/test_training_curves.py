@@ -172,3 +172,56 @@ def test_after_sigkill_and_resume_no_fold_back_lost_work_faint_and_a_restart_mar
         ev = page.evaluate("""() => { const d = Bokeh.documents[0].get_model_by_name('training_events').data;
                               return Array.from(d instanceof Map ? d.get('what') : d.what); }""")
         assert any("restart" in e and f"step {resume + 1}" in e for e in ev), ev
+
+
+_PLOT_BOX = """(name) => {
+    const pv = Bokeh.index.get_one(Bokeh.documents[0].get_model_by_name(name));
+    const r = pv.canvas_view.el.getBoundingClientRect(), f = pv.frame.bbox;
+    return {left: r.left + f.left, top: r.top + f.top, width: f.width, height: f.height};
+}"""
+
+
+def _x_range(page, name):
+    return page.evaluate("""(name) => { const r = Bokeh.documents[0].get_model_by_name(name).x_range;
+                            return [r.start, r.end]; }""", name)
+
+
+def test_x_axis_choice_and_a_box_zoom_are_redrawn_by_the_server(tmp_path, chromium_path):
+    art = _artifacts(tmp_path)
+    with _session(tmp_path, chromium_path) as st:
+        page = st["page"]
+        wait_until(lambda: len(_series(page, "metrics:trainer")["x"]) >= 80, T, what="80 steps")
+        page.evaluate("() => { Bokeh.documents[0].get_model_by_name('x_mode').value = 'rel'; }")
+
+        def relative():  # ms since the first record, rising
+            x = _series(page, "metrics:trainer")["x"]
+            return x[0] == 0 and x[-1] > 1000 and all(b > a for a, b in zip(x, x[1:])) and x
+        wait_until(relative, T, what="x as time since the first record")
+        label = page.evaluate("() => Bokeh.documents[0].get_model_by_name('loss_plot').below[0].axis_label")
+        assert label == "time since the run's first record"
+        page.evaluate("() => new Promise(r => requestAnimationFrame(() => requestAnimationFrame(() => r(true))))")
+        page.screenshot(path=str(art / "5-relative-time.png"), full_page=True)
+        page.evaluate("() => { Bokeh.documents[0].get_model_by_name('x_mode').value = 'step'; }")
+        wait_until(lambda: _series(page, "metrics:trainer")["x"][0] == 1, T, what="x as the step again")
+
+        # a real box zoom over the middle of the loss plot, with the mouse
+        page.evaluate("""() => { const p = Bokeh.documents[0].get_model_by_name('loss_plot');
+                         p.toolbar.active_drag = p.toolbar.tools.find(t => t.type === 'BoxZoomTool'); }""")
+        box = page.evaluate(_PLOT_BOX, "loss_plot")
+        page.mouse.move(box["left"] + 0.3 * box["width"], box["top"] + 0.05 * box["height"])
+        page.mouse.down()
+        page.mouse.move(box["left"] + 0.6 * box["width"], box["top"] + 0.95 * box["height"], steps=8)
+        page.mouse.up()
+        lo, hi = _x_range(page, "loss_plot")
+
+        def windowed():  # the server sent only the visible range: every point inside, one beyond each edge
+            x = _series(page, "metrics:trainer")["x"]
+            return len(x) > 5 and x[0] <= lo < x[1] and x[-2] <= hi <= x[-1] and x
+        x = wait_until(windowed, T, what="the zoomed range redrawn by the server")
+        assert all(b - a == 1 for a, b in zip(x, x[1:])), "a zoomed range shows every step"
+        page.evaluate("() => new Promise(r => requestAnimationFrame(() => requestAnimationFrame(() => r(true))))")
+        page.screenshot(path=str(art / "6-zoomed.png"), full_page=True)
+        page.evaluate("(name) => Bokeh.index.get_one(Bokeh.documents[0].get_model_by_name(name)).reset()",
+                      "loss_plot")
+        wait_until(lambda: _series(page, "metrics:trainer")["x"][0] == 1
+                   and _series(page, "metrics:trainer")["x"][-1] > hi, T, what="the whole run after a reset")

@@ -292,8 +292,10 @@ def test_the_browser_sends_nothing_back_and_new_data_is_pushed_after_each_cycle(
     doc = Document()
     view = make_doc(doc, c)
     # auto-ranging plots would otherwise send their new bounds for every streamed point; the runs panel's
-    # selection and baseline choice are the only models the browser may send back (on purpose)
-    assert all(not m.syncable for m in doc.models if m not in view.runs.synced)
+    # selection and baseline choice, and the plots' x-axis choice, are the only models the browser may send
+    # back (on purpose)
+    chosen = view.runs.synced + view.plots.synced
+    assert all(not m.syncable for m in doc.models if m not in chosen) and all(m.syncable for m in chosen)
     late = ProcessReporter(cfg.run_dir, "late", "trainer", heartbeat_interval=60)
     late.start({"run_id": "unit"})
     late.metrics([{"step": 1, "loss": 1.0}])
@@ -302,7 +304,7 @@ def test_the_browser_sends_nothing_back_and_new_data_is_pushed_after_each_cycle(
     assert doc.get_model_by_name("metrics:late") is not None
     # lines added later are not synced either (their views and selections are Bokeh's defaults)
     defaults = {"CDSView", "AllIndices", "Selection", "UnionRenderers"}
-    assert not [m for m in doc.models if m.syncable and type(m).__name__ not in defaults and m not in view.runs.synced]
+    assert not [m for m in doc.models if m.syncable and type(m).__name__ not in defaults and m not in chosen]
     late.close()
     calls = []
     c.subscribe(lambda: 1 / 0)  # a broken listener does not stop the others

@@ -63,6 +63,21 @@ def test_cpu_percent_of_a_busy_process_is_measured_between_samples():
     assert expected * 0.5 < got < expected * 1.5 + 5
 
 
+def test_the_first_sample_of_a_busy_process_has_no_cpu_figure_not_thousands_of_percent(reaper):
+    # The baseline is taken in that same sample, microseconds before the reading: one clock tick over that
+    # instant read as ~9000 % on the page's CPU plot. The first sample counts 0; the next one measures.
+    busy = reaper.popen([PYTHON, "-c", "while True: pass"])
+    child_of = psutil.Process(busy.pid)
+    wait_until(lambda: sum(child_of.cpu_times()[:2]) > 0.1, 30, what="the busy loop burning CPU")
+    # a tick lands inside that instant only now and then: many first samples, none may read a figure
+    firsts = [ResourceSampler(nvml=FakeNvml()) for _ in range(500)]
+    assert {s.sample([busy.pid]).processes[busy.pid].cpu_percent for s in firsts} == {0.0}
+    sampler = firsts[0]
+    c0 = sum(child_of.cpu_times()[:2])
+    wait_until(lambda: sum(child_of.cpu_times()[:2]) - c0 > 0.1, 30, what="0.1 s more of CPU")
+    assert 20 < sampler.sample([busy.pid]).processes[busy.pid].cpu_percent <= 100 * psutil.cpu_count() + 5
+
+
 def test_no_nvml_driver_means_no_gpu_metrics_not_a_failure():
     # The real nvidia-ml-py on this host: no driver, nvmlInit raises NVMLError_LibraryNotFound.
     s = ResourceSampler().sample([os.getpid()])

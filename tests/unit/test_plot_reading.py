@@ -1,0 +1,108 @@
+"""The training plots' x axis (step, relative time, wall clock) and zoom redrawn at full resolution."""
+
+from __future__ import annotations
+
+import numpy as np
+from bokeh.document import Document
+from bokeh.events import RangesUpdate, Reset
+from bokeh.models import CustomJSTickFormatter, DatetimeTickFormatter
+
+from keel.status.reporter import ProcessReporter
+
+from dashboard import curves
+from dashboard.collector import Collector
+from dashboard.page import make_doc
+from dashboard.rundir import METRICS_PER_CYCLE
+from dashboard.training_plots import N_OUT
+from tests.unit.test_dashboard_page import cycle, make_cfg
+
+T0 = 1_700_000_000.0
+
+
+def _session(tmp_path, records):
+    cfg = make_cfg(tmp_path)
+    rep = ProcessReporter(cfg.run_dir, "trainer", "trainer", heartbeat_interval=60)
+    rep.start({"run_id": "unit"})
+    rep.metrics(records)
+    c = Collector(cfg)
+    for _ in range(1 + len(records) // METRICS_PER_CYCLE):  # the reader catches up a cycle's worth at a time
+        cycle(c)
+    assert len(c.metrics["trainer"]) == len(records)
+    doc = Document()
+    view = make_doc(doc, c)
+    return view, doc, rep, c
+
+
+def test_within_keeps_the_window_and_one_row_each_side():
+    rows = {"step": np.arange(100.0), "t": np.arange(100.0)}
+    idx = np.arange(100)
+    assert list(curves.within(rows, idx, ("step", 10, 20))) == list(range(9, 22))
+    assert len(curves.within(rows, idx, ("step", 200, 300))) == 0
+    assert curves.covers(rows, ("step", -5, 105)) and not curves.covers(rows, ("step", 0, 50))
+
+
+def test_x_as_relative_time_and_wall_clock_moves_every_line_and_marker(tmp_path):
+    recs = [{"step": i, "loss": 1.0 / (i + 1), "t": T0 + 2.0 * i} for i in range(50)]
+    recs += [{"step": i, "loss": 0.5, "t": T0 + 200 + 2.0 * i} for i in range(30, 60)]  # resumed at 30
+    view, doc, rep, c = _session(tmp_path, recs)
+    plots = view.plots
+    src = doc.get_model_by_name("metrics:trainer")
+    marks = doc.get_model_by_name("training_events")
+    assert src.data["x"] == src.data["step"] and marks.data["x"] == [30.0]
+    plots.x_select.value = "rel"  # what the browser sends when the viewer picks it
+    x = np.array(src.data["x"], dtype=float)
+    fin = np.isfinite(x)
+    # ms since the first record: 0 at step 0, and the resumed incarnation (step 30) starts 260 s in
+    assert x[0] == 0.0 and np.nanmax(x) == (200 + 2.0 * 59) * 1000
+    assert np.all(np.diff(x[fin]) > 0)  # time only goes on, even across the resume
+    assert marks.data["x"] == [260_000.0] and marks.data["step"] == [30.0]
+    fig = doc.get_model_by_name("loss_plot")
+    assert isinstance(fig.xaxis[0].formatter, CustomJSTickFormatter)
+    assert fig.xaxis[0].axis_label == "time since the run's first record"
+    plots.x_select.value = "t"
+    assert src.data["x"][0] == T0 * 1000 and isinstance(fig.xaxis[0].formatter, DatetimeTickFormatter)
+    assert doc.get_model_by_name("loss_plot_log").xaxis[0].axis_label == "wall clock"
+    plots.x_select.value = "step"
+    assert src.data["x"] == src.data["step"] and fig.xaxis[0].axis_label == "step"
+    rep.close()
+    c.runner.close()
+
+
+def test_a_zoomed_plot_shows_its_range_at_full_resolution_and_a_reset_goes_back(tmp_path):
+    n = 20 * N_OUT
+    rng = np.random.default_rng(1)
+    noise = 1.0 + 0.01 * rng.standard_normal(n)
+    recs = [{"step": i, "loss": float(noise[i]), "samples_per_s": 100.0, "t": T0 + i} for i in range(n)]
+    view, doc, rep, c = _session(tmp_path, recs)
+    src = doc.get_model_by_name("metrics:trainer")
+    speed = doc.get_model_by_name("metrics:trainer:samples_per_s")
+    assert len(src.data["x"]) <= N_OUT  # the whole run, downsampled
+    fig = doc.get_model_by_name("loss_plot")
+    fig._trigger_event(RangesUpdate(fig, x0=10_000.5, x1=11_500.5, y0=0, y1=2))
+    # every row from 10,001 to 11,500, and the one beyond each edge so the line reaches them
+    assert src.data["x"] == [float(s) for s in range(10_000, 11_502)]
+    assert src.data["y"] == [float(v) for v in noise[10_000:11_502]]
+    assert len(speed.data["x"]) <= N_OUT  # another plot is not zoomed
+    rep.metrics([{"step": n, "loss": 1.0, "t": T0 + n}])  # new data while zoomed: the view stays
+    cycle(c)
+    view.update()
+    assert src.data["x"][0] == 10_000.0 and src.data["x"][-1] == 11_501.0
+    fig._trigger_event(Reset(fig))
+    assert len(src.data["x"]) <= N_OUT and src.data["x"][-1] == float(n)
+    # a reset view (padded beyond the data) is not a zoom: new points keep arriving at the right
+    fig._trigger_event(RangesUpdate(fig, x0=-5000, x1=n + 5000, y0=0, y1=2))
+    assert len(src.data["x"]) <= N_OUT and src.data["x"][-1] == float(n)
+    rep.close()
+    c.runner.close()
+
+
+def test_a_zoom_in_relative_time_reads_the_rows_of_that_time(tmp_path):
+    recs = [{"step": i, "loss": float(i), "t": T0 + 0.5 * i} for i in range(10 * N_OUT)]
+    view, doc, rep, c = _session(tmp_path, recs)
+    view.plots.x_select.value = "rel"
+    fig = doc.get_model_by_name("loss_plot_log")  # the log copy shares the zoom
+    fig._trigger_event(RangesUpdate(fig, x0=1000_000, x1=1500_000, y0=1, y1=2))  # 1000 s to 1500 s
+    src = doc.get_model_by_name("metrics:trainer")
+    assert src.data["step"][0] == 1999.0 and src.data["step"][-1] == 3001.0 and len(src.data["step"]) == 1003
+    rep.close()
+    c.runner.close()
