@@ -135,6 +135,26 @@ def covers(rows: dict[str, np.ndarray], window: tuple[str, float, float]) -> boo
     return not len(v) or (lo <= float(v.min()) and hi >= float(v.max()))
 
 
+def appends_only(step: np.ndarray, start: int) -> bool:
+    """True when rows ``start:`` only go on from the rows before them: no step goes back (no new
+    incarnation, no lost work), so they can be added to a drawn line as they are."""
+    s = np.asarray(step, dtype=np.float64)
+    new = s[start:][np.isfinite(s[start:])]
+    before = s[:start][np.isfinite(s[:start])]
+    if len(new) > 1 and bool((np.diff(new) < 0).any()):
+        return False
+    return not len(new) or not len(before) or float(new[0]) >= float(before[-1])
+
+
+def tail(rows: dict[str, np.ndarray], start: int, metric: str, t0: float) -> Series:
+    """The raw rows ``start:`` that carry ``metric``, as drawn points standing for themselves (band = value)."""
+    y = rows[metric][start:]
+    k = np.flatnonzero(np.isfinite(y) & np.isfinite(rows["step"][start:]))
+    yy = y[k]
+    t = rows["t"][start:][k] if "t" in rows else np.full(len(k), math.nan)
+    return Series(rows["step"][start:][k], t, yy, yy, yy)
+
+
 @dataclass(frozen=True)
 class Frame:
     """What every session draws of one stream at one History serial: computed once, shared by all."""

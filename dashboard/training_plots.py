@@ -8,6 +8,7 @@ comes from the collector's full-resolution History; what is drawn is downsampled
 
 from __future__ import annotations
 
+import contextlib
 import functools
 import math
 from typing import Any, Callable
@@ -33,6 +34,9 @@ FIGURES = (("loss", "loss and validation loss (dots)"), ("throughput", "throughp
            ("lr", "learning rate"))
 METRICS_OF = {key: tuple(m for m, k in METRICS if k == key) for key, _ in FIGURES}
 N_OUT = 2000  # points drawn per line: MinMaxLTTB keeps every spike of any length in these
+# New rows are streamed onto the drawn lines as they are (a few points a message) until this many have
+# come since the line was last downsampled whole; then it is downsampled again (and sent whole).
+TAIL_MAX = 1000
 _TOOLTIPS = [("run", "@run"), ("step", "@step{0,0}"), ("wall time", "@t{%F %T}"), ("value", "@y{raw}"),
              ("smoothed", "@y{smoothed}"), ("band", "@lo{0.0000g} to @hi{0.0000g}")]
 # "@y{smoothed}" reads what the smoothed line drew at the hovered index (SMOOTH_JS stashes it by source name)
@@ -70,6 +74,10 @@ class TrainingPlots:
         self.x_select.on_change("value", lambda attr, old, new: self.set_x_mode(new))
         self.zoom: dict[str, tuple[float, float]] = {}  # figure key -> visible x range, while zoomed in
         self._rows: dict[str, dict[str, np.ndarray]] = {}  # stream -> the History rows last drawn
+        self._hists: dict[str, History] = {}  # stream -> its History (the collector's)
+        self._tail: dict[str, int] = {}  # stream -> rows streamed onto its lines since its frame
+        self._frame_serials: dict[str, int] = {}  # stream -> the History serial its frame was drawn at
+        self._frame_fn: Callable[[str, Callable[[], curves.Frame]], curves.Frame] | None = None
         self.figs: dict[str, Any] = {}
         self.log_figs: dict[str, Any] = {}
         toggles = []
@@ -118,6 +126,12 @@ class TrainingPlots:
                                    for k, _ in FIGURES], sizing_mode="stretch_width"),
                              sizing_mode="stretch_width")
 
+    def _frozen(self) -> contextlib.AbstractContextManager:
+        """Bokeh recounts a document's models on every change to its model graph (~0.2 s for this page):
+        frozen, a batch of new lines, axes or overlays is recounted once, at the end."""
+        doc = self.layout.document
+        return doc.models.freeze() if doc is not None else contextlib.nullcontext()
+
     @staticmethod
     def _fig(title: str, key: str, y_axis_type: str, **kw: Any) -> Any:
         f = figure(title=title, height=230, sizing_mode="stretch_width", y_axis_type=y_axis_type,
@@ -161,24 +175,56 @@ class TrainingPlots:
         new_events = newest != self._events_seen
         self._events_seen, self._processes = newest, processes or {}
         self._records = [rec for _, rec in events] if new_events else self._records
+        self._frame_fn = frame
         for i, stream in enumerate(streams):
-            hist = metrics[stream]
+            hist = self._hists[stream] = metrics[stream]
             if f"{stream}/loss" not in self.sources:
-                for metric, _ in METRICS:
-                    self._add_metric(stream, metric, Category10_10[i % 10])
+                with self._frozen():  # a new stream's 16 glyphs: one recount (1.3 s unfrozen, measured)
+                    for metric, _ in METRICS:
+                        self._add_metric(stream, metric, Category10_10[i % 10])
                 for m in self.layout.references():  # the browser sends back only the x select (sliders and
                     m.syncable = m in self.synced   # toggles act in JS, zooms come as events)
             if hist.last_serial == self.sent.get(stream, -1):
                 continue
-            self._rows[stream] = rows = hist.arrays()
-            make = functools.partial(curves.frame, rows, stream, tuple(m for m, _ in METRICS), N_OUT)
-            self.frames[stream] = make() if frame is None else frame(stream, make)
-            self._fill(stream, [k for k, _ in FIGURES])
-            self.sent[stream] = hist.last_serial
+            if not self._append(stream):
+                self._redraw(stream)
             sent = True
         if sent or new_events:
             self._draw_markers()
         return sent or new_events
+
+    def _append(self, stream: str) -> bool:
+        """Stream the rows new since the last update onto the drawn lines, when they only go on from them
+        (no resume, no zoom, under TAIL_MAX since the last whole drawing); False when a redraw is due."""
+        f = self.frames.get(stream)
+        if f is None or self.zoom:
+            return False
+        rows = self._hists[stream].arrays()
+        start = int(np.searchsorted(rows["serial"], self.sent[stream], side="right"))
+        new = len(rows["serial"]) - start
+        if self._tail[stream] + new > TAIL_MAX or not curves.appends_only(rows["step"], start):
+            return False
+        if f.t0 is None and np.isfinite(rows["t"][start:]).any():
+            return False  # the first wall times: relative time needs its zero (the frame's)
+        for metric, _ in METRICS:
+            s = curves.tail(rows, start, metric, f.t0)
+            if len(s):
+                self.sources[f"{stream}/{metric}"].stream(
+                    xaxis.with_x({**s.columns(f.t0), "run": [stream] * len(s)}, self.x_mode))
+        self._rows[stream], self._tail[stream] = rows, self._tail[stream] + new
+        self.sent[stream] = int(rows["serial"][-1])
+        return True
+
+    def _redraw(self, stream: str) -> None:
+        """Draw ``stream`` whole from its History now: downsampled (the frame shared by all sessions at this
+        serial), or for a zoomed-in figure from its visible range."""
+        hist = self._hists[stream]
+        self._rows[stream] = rows = hist.arrays()
+        make = functools.partial(curves.frame, rows, stream, tuple(m for m, _ in METRICS), N_OUT)
+        self.frames[stream] = make() if self._frame_fn is None else self._frame_fn(stream, make)
+        self._fill(stream, [k for k, _ in FIGURES])
+        self.sent[stream], self._tail[stream] = hist.last_serial, 0
+        self._frame_serials[stream] = hist.last_serial
 
     def _fill(self, stream: str, keys: list[str]) -> None:
         """Send the lines of ``stream`` in the figures ``keys``: the shared frame, or for a zoomed-in
@@ -202,10 +248,12 @@ class TrainingPlots:
             return
         self.x_mode = mode
         self.zoom.clear()  # a range in the old unit means nothing in the new one (the browser reset the view)
-        for f in [*self.figs.values(), *self.log_figs.values()]:
-            f.xaxis.axis_label, f.xaxis.ticker, f.xaxis.formatter = xaxis.axis_models(mode)
+        with self._frozen():
+            for f in [*self.figs.values(), *self.log_figs.values()]:
+                f.xaxis.axis_label, f.xaxis.ticker, f.xaxis.formatter = xaxis.axis_models(mode)
+                f.xaxis.ticker.syncable = f.xaxis.formatter.syncable = False
         for stream in self._rows:
-            self._fill(stream, [k for k, _ in FIGURES])
+            self._redraw(stream)
         for src in {id(r.data_source): r.data_source for rs in self.overlays.values() for _, r in rs}.values():
             src.data = xaxis.with_x(dict(src.data), mode)
         self._draw_markers()
@@ -215,27 +263,32 @@ class TrainingPlots:
             return
         self.zoom[key] = (float(event.x0), float(event.x1))
         for stream in self._rows:
-            self._fill(stream, [key])
+            self._redraw(stream)
 
     def _on_reset(self, key: str, event: Reset) -> None:
         if self.zoom.pop(key, None) is not None:
             for stream in self._rows:
-                self._fill(stream, [key])
+                self._redraw(stream)
 
     def _marks(self, stream: str) -> list[curve_events.Marker]:
         f = self.frames[stream]
+        # the frame's live loss rows, and the rows streamed on since (all live: they only went on)
+        rows = self._rows[stream]
+        on = rows["serial"] > self._frame_serials[stream]
+        step = np.concatenate([f.live_step, rows["step"][on]])
+        t = np.concatenate([f.live_t, rows["t"][on]])
         return [curve_events.Marker(step, "resume", what) for step, what in f.resumes] + curve_events.markers(
-            self._records, stream, f.live_step, f.live_t, self._processes.get(stream, ()))
+            self._records, stream, step, t, self._processes.get(stream, ()))
 
     def _draw_markers(self) -> None:
         # every stream's markers, each on its stream's line in each figure (that figure's y scale), placed
-        # from the whole line (a zoomed-in source holds only the visible range), at the marker's x in the
-        # chosen unit (its step mapped through the line's step -> x)
+        # from the whole line (a zoomed-in source holds only the visible range: then the frame's), at the
+        # marker's x in the chosen unit (its step mapped through the line's step -> x)
         marks_of = {stream: self._marks(stream) for stream in self.frames}
         for key, metric in (("loss", "loss"), ("throughput", "samples_per_s"), ("lr", "lr")):
             cols: dict[str, list] = {"x": [], "step": [], "y": [], "what": [], "kind": [], "color": []}
             for stream, marks in marks_of.items():
-                d = self.frames[stream].live[metric]
+                d = self.frames[stream].live[metric] if key in self.zoom else self.sources[f"{stream}/{metric}"].data
                 fin = [(s, x, y) for s, x, y in zip(d["step"], d[self.x_mode], d["y"]) if y == y and x == x]
                 steps, xs, ys = [p[0] for p in fin], [p[1] for p in fin], [p[2] for p in fin]
                 for m in marks:
@@ -245,12 +298,17 @@ class TrainingPlots:
                     cols["what"].append(m.what)
                     cols["kind"].append(m.kind)
                     cols["color"].append(_MARK_COLORS.get(m.kind, "red"))
-            self.events[key].data = cols
+            if cols != dict(self.events[key].data):  # unchanged markers cost the browser a redraw of the plot
+                self.events[key].data = cols
 
     # ------------------------------------------------------------ overlay
 
     def overlay(self, label: str, records: list[dict], *, baseline: bool = False) -> None:
         """Draw a past run's metrics as thin faint lines (baseline: black dashed) on the matching figures."""
+        with self._frozen():
+            self._overlay(label, records, baseline)
+
+    def _overlay(self, label: str, records: list[dict], baseline: bool) -> None:
         self.clear_overlay(label)
         h = History(("step", "t", *[m for m, _ in METRICS]), max(4, len(records) + 1))
         h.extend(records)
@@ -272,5 +330,6 @@ class TrainingPlots:
 
     def clear_overlay(self, label: str) -> None:
         """Remove a run's overlay lines (no-op when absent)."""
-        for f, r in self.overlays.pop(label, []):
-            f.renderers = [x for x in f.renderers if x is not r]
+        with self._frozen():
+            for f, r in self.overlays.pop(label, []):
+                f.renderers = [x for x in f.renderers if x is not r]

@@ -26,8 +26,10 @@ return `${sign}${r}s`;"""
 
 
 def with_x(cols: dict[str, list], mode: str) -> dict[str, list]:
-    """``cols`` (a drawn source's columns) with ``x`` the ``mode`` column."""
-    return {**cols, "x": cols[mode]}
+    """A copy of ``cols`` (a drawn source's columns) with ``x`` the ``mode`` column. Every list is new:
+    a source's lists grow in place when points are streamed onto it, and a frame's are shared by all
+    sessions (and ``x`` must not be the same list as the column it copies)."""
+    return {**{k: list(v) for k, v in cols.items()}, "x": list(cols[mode])}
 
 
 def window(mode: str, x0: float, x1: float, t0: float | None) -> tuple[str, float, float]:

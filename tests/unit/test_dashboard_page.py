@@ -110,8 +110,9 @@ def test_make_doc_on_a_bare_document_shows_everything(run_dir):
 
 
 def test_a_session_gets_each_change_once_and_nothing_when_nothing_changed(run_dir):
-    # Lines are redrawn whole (a restart can turn earlier points into lost work), at most
-    # N_OUT points each; table cells still go by patch. Nothing new: nothing is sent.
+    # New points that only go on from the line are streamed onto it (a resume, which can turn earlier
+    # points into lost work, redraws it whole: test_plot_reading); table cells go by patch. Nothing new:
+    # nothing is sent.
     cfg, rep = run_dir
     c = Collector(cfg)
     cycle(c)
@@ -124,8 +125,10 @@ def test_a_session_gets_each_change_once_and_nothing_when_nothing_changed(run_di
     cycle(c)
     view.update()
     src = doc.get_model_by_name("metrics:trainer")
-    changed = [e for e in events if isinstance(e, ColumnDataChangedEvent) and e.model is src]
-    assert len(changed) == 1 and src.data["step"] == [float(i) for i in range(1, 36)]
+    streamed = [e for e in events if isinstance(e, ColumnsStreamedEvent) and e.model is src]
+    assert len(streamed) == 1 and streamed[0].data["step"] == [float(i) for i in range(31, 36)]
+    assert not [e for e in events if isinstance(e, ColumnDataChangedEvent) and e.model is src]
+    assert src.data["step"] == [float(i) for i in range(1, 36)]
     assert any(isinstance(e, ColumnsPatchedEvent) and e.model is view.table_source for e in events)
     # nothing new: nothing sent
     events.clear()
@@ -333,8 +336,14 @@ def test_sessions_share_one_drawn_frame_per_change(run_dir, monkeypatch):
     cycle(c)
     for view in views:
         view.update()
-    assert calls == ["trainer", "trainer"]
+    assert calls == ["trainer"]  # a point that only goes on is streamed onto each line: no downsampling
     assert all(v.plots.sources["trainer/loss"].data["step"][-1] == 31.0 for v in views)
+    rep.metrics([{"step": 21, "loss": 0.4}])  # a resume: the lines are drawn again, once for all sessions
+    cycle(c)
+    for view in views:
+        view.update()
+    assert calls == ["trainer", "trainer"]
+    assert all(v.plots.sources["trainer/loss"].data["step"][-1] == 21.0 for v in views)
     cycle(c)  # nothing new: a tab opened now reuses the same frame
     make_doc(Document(), c)
     assert calls == ["trainer", "trainer"]

@@ -106,3 +106,39 @@ def test_a_zoom_in_relative_time_reads_the_rows_of_that_time(tmp_path):
     assert src.data["step"][0] == 1999.0 and src.data["step"][-1] == 3001.0 and len(src.data["step"]) == 1003
     rep.close()
     c.runner.close()
+
+
+def test_new_points_are_streamed_onto_the_lines_until_a_whole_redraw_is_due(tmp_path):
+    from bokeh.document.events import ColumnDataChangedEvent, ColumnsStreamedEvent
+
+    from dashboard.training_plots import TAIL_MAX
+
+    view, doc, rep, c = _session(tmp_path, [{"step": i, "loss": 1.0, "t": T0 + i} for i in range(3 * N_OUT)])
+    other = make_doc(Document(), c)  # a second tab on the same shared frame
+    view.plots.x_select.value = "rel"
+    src = doc.get_model_by_name("metrics:trainer")
+    shared = c.frames["trainer"][1].live["loss"]
+    kept = {k: len(v) for k, v in shared.items()}
+    events = []
+    doc.on_change(lambda e: events.append(e))
+    step = 3 * N_OUT
+    rep.metrics([{"step": step, "loss": 9.0, "t": T0 + step}])  # a spike, one point on
+    cycle(c)
+    view.update()
+    other.update()
+    streamed = [e for e in events if isinstance(e, ColumnsStreamedEvent) and e.model is src]
+    assert len(streamed) == 1 and streamed[0].data["y"] == [9.0] and streamed[0].data["x"] == [step * 1000.0]
+    assert src.data["x"][-1] == step * 1000.0 and src.data["rel"][-1] == step * 1000.0  # x and rel grew once
+    assert {k: len(v) for k, v in shared.items()} == kept  # the frame all tabs share was not grown in place
+    assert other.plots.sources["trainer/loss"].data["x"][-1] == float(step)  # the other tab: still by step
+    events.clear()
+    more = [{"step": step + i, "loss": 1.0, "t": T0 + step + i} for i in range(1, TAIL_MAX + 1)]
+    rep.metrics(more)
+    cycle(c)
+    view.update()
+    assert [e for e in events if isinstance(e, ColumnDataChangedEvent) and e.model is src]  # drawn whole again
+    assert not [e for e in events if isinstance(e, ColumnsStreamedEvent) and e.model is src]
+    assert len(src.data["x"]) <= N_OUT and max(src.data["y"]) == 9.0  # downsampled, the spike kept
+    assert src.data["x"][-1] == (step + TAIL_MAX) * 1000.0
+    rep.close()
+    c.runner.close()
