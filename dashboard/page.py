@@ -354,7 +354,7 @@ def _empty_rows() -> dict[str, list]:
 # have every tab repaint its plots 20 times a second (the poll's pace), which kept a headless Chromium's
 # main thread busy (measured: a page evaluation took 2 s instead of ms). A push within the gap waits for
 # its end, so a write still shows within the gap plus one poll.
-PUSH_GAP_S = 0.2
+PUSH_GAP_S = 0.1
 
 
 def _pusher(doc: Document, view: SessionView, clock: Any = time.monotonic) -> Any:
