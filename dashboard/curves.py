@@ -146,7 +146,7 @@ def appends_only(step: np.ndarray, start: int) -> bool:
     return not len(new) or not len(before) or float(new[0]) >= float(before[-1])
 
 
-def tail(rows: dict[str, np.ndarray], start: int, metric: str, t0: float) -> Series:
+def tail(rows: dict[str, np.ndarray], start: int, metric: str) -> Series:
     """The raw rows ``start:`` that carry ``metric``, as drawn points standing for themselves (band = value)."""
     y = rows[metric][start:]
     k = np.flatnonzero(np.isfinite(y) & np.isfinite(rows["step"][start:]))
@@ -167,19 +167,14 @@ class Frame:
     t0: float | None  # the stream's first wall time: relative time counts from it
 
 
-def first_time(rows: dict[str, np.ndarray]) -> float | None:
-    """The stream's first wall time (epoch seconds), where its relative time is 0; None without times."""
-    fin_t = rows["t"][np.isfinite(rows["t"])]
-    return float(fin_t.min()) if len(fin_t) else None
-
-
 def frame(rows: dict[str, np.ndarray], stream: str, metrics: tuple[str, ...], n_out: int,
           window: tuple[str, float, float] | None = None) -> Frame:
     """Every metric's live line and lost work, downsampled to ``n_out``, and the resumes, of one stream.
 
     With a ``window`` (column ``step`` or ``t``, lo, hi: a zoomed plot's visible range), only the rows in it
     are drawn, so the ``n_out`` points show that range at full resolution (down to every row)."""
-    t0 = first_time(rows)
+    fin_t = rows["t"][np.isfinite(rows["t"])]
+    t0 = float(fin_t.min()) if len(fin_t) else None  # relative time counts from the stream's first record
     live_cols, lost_cols = {}, {}
     live_step = live_t = np.empty(0)
     step = rows["step"]

@@ -73,10 +73,9 @@ class TrainingPlots:
         self.synced = (self.x_select,)
         self.x_select.on_change("value", lambda attr, old, new: self.set_x_mode(new))
         self.zoom: dict[str, tuple[float, float]] = {}  # figure key -> visible x range, while zoomed in
-        self._rows: dict[str, dict[str, np.ndarray]] = {}  # stream -> the History rows last drawn
         self._hists: dict[str, History] = {}  # stream -> its History (the collector's)
-        self._tail: dict[str, int] = {}  # stream -> rows streamed onto its lines since its frame
-        self._frame_serials: dict[str, int] = {}  # stream -> the History serial its frame was drawn at
+        # stream -> the History serial its frame was drawn at: its lines hold the rows after it as they are
+        self._frame_serials: dict[str, int] = {}
         self._frame_fn: Callable[[str, Callable[[], curves.Frame]], curves.Frame] | None = None
         self.figs: dict[str, Any] = {}
         self.log_figs: dict[str, Any] = {}
@@ -196,41 +195,34 @@ class TrainingPlots:
     def _append(self, stream: str) -> bool:
         """Stream the rows new since the last update onto the drawn lines, when they only go on from them
         (no resume, no zoom, under TAIL_MAX since the last whole drawing); False when a redraw is due."""
-        f = self.frames.get(stream)
+        f, hist = self.frames.get(stream), self._hists[stream]
         if f is None or self.zoom:
             return False
-        rows = self._hists[stream].arrays()
-        start = int(np.searchsorted(rows["serial"], self.sent[stream], side="right"))
-        new = len(rows["serial"]) - start
-        if self._tail[stream] + new > TAIL_MAX or not curves.appends_only(rows["step"], start):
+        rows = hist.arrays()
+        serial = rows["serial"]
+        start = int(np.searchsorted(serial, self.sent[stream], side="right"))
+        since_frame = len(serial) - int(np.searchsorted(serial, self._frame_serials[stream], side="right"))
+        if since_frame > TAIL_MAX or not curves.appends_only(rows["step"], start):
             return False
         if f.t0 is None and np.isfinite(rows["t"][start:]).any():
             return False  # the first wall times: relative time needs its zero (the frame's)
         for metric, _ in METRICS:
-            s = curves.tail(rows, start, metric, f.t0)
+            s = curves.tail(rows, start, metric)
             if len(s):
                 self.sources[f"{stream}/{metric}"].stream(
                     xaxis.with_x({**s.columns(f.t0), "run": [stream] * len(s)}, self.x_mode))
-        self._rows[stream], self._tail[stream] = rows, self._tail[stream] + new
-        self.sent[stream] = int(rows["serial"][-1])
+        self.sent[stream] = hist.last_serial
         return True
 
     def _redraw(self, stream: str) -> None:
         """Draw ``stream`` whole from its History now: downsampled (the frame shared by all sessions at this
         serial), or for a zoomed-in figure from its visible range."""
         hist = self._hists[stream]
-        self._rows[stream] = rows = hist.arrays()
+        rows = hist.arrays()
         make = functools.partial(curves.frame, rows, stream, tuple(m for m, _ in METRICS), N_OUT)
-        self.frames[stream] = make() if self._frame_fn is None else self._frame_fn(stream, make)
-        self._fill(stream, [k for k, _ in FIGURES])
-        self.sent[stream], self._tail[stream] = hist.last_serial, 0
-        self._frame_serials[stream] = hist.last_serial
-
-    def _fill(self, stream: str, keys: list[str]) -> None:
-        """Send the lines of ``stream`` in the figures ``keys``: the shared frame, or for a zoomed-in
-        figure this session's own frame of the visible range, drawn from the full-resolution rows."""
-        rows, shared = self._rows[stream], self.frames[stream]
-        for key in keys:
+        self.frames[stream] = shared = make() if self._frame_fn is None else self._frame_fn(stream, make)
+        self.sent[stream] = self._frame_serials[stream] = hist.last_serial
+        for key, _ in FIGURES:
             f = shared
             if key in self.zoom:
                 win = xaxis.window(self.x_mode, *self.zoom[key], shared.t0)
@@ -252,7 +244,7 @@ class TrainingPlots:
             for f in [*self.figs.values(), *self.log_figs.values()]:
                 f.xaxis.axis_label, f.xaxis.ticker, f.xaxis.formatter = xaxis.axis_models(mode)
                 f.xaxis.ticker.syncable = f.xaxis.formatter.syncable = False
-        for stream in self._rows:
+        for stream in self.frames:
             self._redraw(stream)
         for src in {id(r.data_source): r.data_source for rs in self.overlays.values() for _, r in rs}.values():
             src.data = xaxis.with_x(dict(src.data), mode)
@@ -262,18 +254,18 @@ class TrainingPlots:
         if event.x0 is None or event.x1 is None:
             return
         self.zoom[key] = (float(event.x0), float(event.x1))
-        for stream in self._rows:
+        for stream in self.frames:
             self._redraw(stream)
 
     def _on_reset(self, key: str, event: Reset) -> None:
         if self.zoom.pop(key, None) is not None:
-            for stream in self._rows:
+            for stream in self.frames:
                 self._redraw(stream)
 
     def _marks(self, stream: str) -> list[curve_events.Marker]:
         f = self.frames[stream]
         # the frame's live loss rows, and the rows streamed on since (all live: they only went on)
-        rows = self._rows[stream]
+        rows = self._hists[stream].arrays()
         on = rows["serial"] > self._frame_serials[stream]
         step = np.concatenate([f.live_step, rows["step"][on]])
         t = np.concatenate([f.live_t, rows["t"][on]])

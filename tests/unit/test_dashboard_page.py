@@ -348,3 +348,44 @@ def test_sessions_share_one_drawn_frame_per_change(run_dir, monkeypatch):
     make_doc(Document(), c)
     assert calls == ["trainer", "trainer"]
     c.runner.close()
+
+
+def test_pushes_to_a_session_are_at_least_the_push_gap_apart(run_dir):
+    from dashboard.page import PUSH_GAP_S, _pusher
+
+    class Doc:  # the two scheduling calls of a Bokeh Document, recorded
+        def __init__(self):
+            self.calls = []
+
+        def add_next_tick_callback(self, cb):
+            self.calls.append(("tick", None, cb))
+
+        def add_timeout_callback(self, cb, ms):
+            self.calls.append(("timeout", ms, cb))
+
+    class View:
+        def __init__(self, c):
+            self.c, self.updates = c, 0
+
+        def update(self):
+            self.updates += 1
+
+    cfg, _ = run_dir
+    c = Collector(cfg)
+    now = [100.0]
+    doc, view = Doc(), View(c)
+    push = _pusher(doc, view, clock=lambda: now[0])
+    push()
+    push()  # one pending at a time
+    assert [k for k, _, _ in doc.calls] == ["tick"]
+    doc.calls.pop()[2]()
+    now[0] += PUSH_GAP_S / 4
+    push()  # too soon after the last update: it waits for the rest of the gap
+    kind, ms, run = doc.calls.pop()
+    assert kind == "timeout" and abs(ms - PUSH_GAP_S * 0.75 * 1000) <= 1.5
+    now[0] += PUSH_GAP_S
+    run()
+    now[0] += 2 * PUSH_GAP_S
+    push()  # long after: at once
+    assert doc.calls[-1][0] == "tick" and view.updates == 2
+    c.runner.close()
