@@ -24,6 +24,7 @@ from keel.status.models import DashboardState, ProcessStatus, State
 from keel.host.sampling import ResourceSample
 from keel.status.results import ReadError, Stale
 
+from dashboard import curves
 from dashboard.config import DashboardConfig
 from dashboard.history import FULL_RES_POINTS, History
 from dashboard.rundir import RunDirReader
@@ -33,7 +34,7 @@ from keel.watch.verdicts import BY_WATCHDOG, ProcessHealth, health_from_files
 
 log = logging.getLogger("dashboard.collector")
 
-METRIC_COLUMNS = ("step", "t", "loss", "val_loss", "lr", "samples_per_s", "grad_norm")
+METRIC_COLUMNS = ("step", "t", "loss", "val_loss", "lr", "samples_per_s", "grad_norm", curves.BEGIN)
 # One series for everything sampled at the same instant: host, each process, each GPU.
 # A browser session then gets one stream message per refresh for all resource plots,
 # not one per process and GPU (each message costs the server a pass over the document).
@@ -295,7 +296,7 @@ class Collector:
             h = self.metrics.get(name)
             if h is None:
                 h = self.metrics[name] = History(METRIC_COLUMNS, FULL_RES_POINTS)
-            h.extend(recs)
+            h.extend(curves.tag_begins(recs))
             for rec in recs:
                 if "event" in rec:  # the trainer's own events (checkpoint, new run...): markers on its curves
                     self._event_serial += 1

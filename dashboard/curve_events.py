@@ -21,6 +21,12 @@ import numpy as np
 
 RESTARTS = {"restart", "start", "restart_failed", "start_failed"}
 WARN_LEVELS = {"degraded", "unhealthy"}
+# The trainer's records the curves draw themselves (dashboard.curves: a resume is a restart marker with
+# what was lost, a new run starts the curves afresh): not markers of their own as well.
+DRAWN_BY_CURVES = {"resume", "new_run"}
+# A record up to this long before the run's first row is still the run's (the watchdog's start of it
+# comes before the trainer's first record: a restart back-off, the interpreter and model start-up).
+LEAD_S = 120.0
 
 
 class Marker(NamedTuple):
@@ -49,6 +55,8 @@ def classify(rec: Mapping[str, Any]) -> tuple[str, str] | None:
     """(kind, hover text) of a record worth a marker on the curves, or None."""
     if "stream" in rec:  # the trainer's own record, tagged by the collector (it may carry an "action" of its own)
         name = str(rec.get("event"))
+        if name in DRAWN_BY_CURVES:
+            return None
         kind = "checkpoint" if name.startswith("checkpoint") and "corrupt" not in name else "trainer"
         extra = ", ".join(f"{k}={v}" for k, v in rec.items() if k not in ("event", "t", "stream", "step"))
         return kind, f"trainer: {name}" + (f" ({extra})" if extra else "")
@@ -74,15 +82,19 @@ def nearest_step(t_s: float, step: np.ndarray, t: np.ndarray) -> float:
 
 
 def markers(records: Iterable[Mapping[str, Any]], stream: str, step: np.ndarray, t: np.ndarray,
-            processes: Iterable[str] = ()) -> list[Marker]:
+            processes: Iterable[str] = (), since: float | None = None) -> list[Marker]:
     """The markers of one stream's curves. ``step``/``t`` are its live line's points (t in epoch
     seconds). A watchdog record counts when its process is the stream or one of ``processes`` (the
-    programs that write this stream); a trainer record when it was tagged with this stream."""
+    programs that write this stream); a trainer record when it was tagged with this stream. ``since``:
+    the drawn run's first wall time; a record from more than LEAD_S before it is an earlier run's."""
     mine = {stream, *processes}
+    first = since - LEAD_S if since is not None else -math.inf
     out: list[Marker] = []
     for rec in records:
         trainer = "stream" in rec
         if (rec.get("stream") != stream) if trainer else (rec.get("process") not in mine):
+            continue
+        if _wall_s(rec) < first:
             continue
         got = classify(rec)
         if got is None:

@@ -3,10 +3,18 @@
 A metrics file interleaves records that carry different metrics (a validation
 record has only ``val_loss``), so each metric is its own series: x only where
 that metric has a value, and the line is continuous. Restarts split the rows
-into incarnations: an incarnation starts where the step goes back. After a
-resume at step S, what the dead incarnation did beyond S is lost work: kept
-apart (drawn faint), never part of the live line, which therefore never folds
-back in x. Where the trainer was down, the live line gets one NaN point (a gap).
+into incarnations: an incarnation starts at the trainer's own ``resume`` record
+(``{"event": "resume", "step": S}``, written as it loads the checkpoint of step S:
+a clean resume at the very step it stopped is a restart too), or, in a file
+without those records, where the step goes back. After a resume at step S, what
+the dead incarnation did beyond S is lost work: kept apart (drawn faint), never
+part of the live line, which therefore never folds back in x. Where the trainer
+was down, the live line gets one NaN point (a gap).
+
+A ``new_run`` record (a start with no checkpoint of its run to resume) begins
+another run in the same file: the stream's curves are its latest run's (earlier
+runs are the run archive's, listed in the page and overlaid from there), so a
+new run is never drawn as a restart of the last one with all its work lost.
 """
 
 from __future__ import annotations
@@ -18,19 +26,42 @@ import numpy as np
 
 from dashboard.downsample import envelope, select
 
+BEGIN = "begin"  # the rows' column that marks where the trainer began: RESUMED or NEW_RUN, else NaN
+RESUMED, NEW_RUN = 1.0, 2.0
+_BEGIN_OF = {"resume": RESUMED, "new_run": NEW_RUN}  # the trainer's event records (trainer.run, trainer.runs)
 
-def incarnation_starts(step: np.ndarray) -> np.ndarray:
-    """Row indices where a new incarnation begins (0 first): the step went below the one before it."""
+
+def tag_begins(records: list[dict]) -> list[dict]:
+    """``records`` with ``BEGIN`` set on the trainer's resume and new-run records (the rest as they are)."""
+    return [{**r, BEGIN: _BEGIN_OF[r["event"]]} if r.get("event") in _BEGIN_OF else r for r in records]
+
+
+def run_start(rows: dict[str, np.ndarray]) -> int:
+    """The row index where the rows' latest run begins (its ``new_run`` record; 0 when there is none)."""
+    b = rows.get(BEGIN)
+    at = np.flatnonzero(b == NEW_RUN) if b is not None else ()
+    return int(at[-1]) if len(at) else 0
+
+
+def latest_run(rows: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
+    """The rows of the latest run only (views, no copy)."""
+    a = run_start(rows)
+    return rows if a == 0 else {k: v[a:] for k, v in rows.items()}
+
+
+def incarnation_starts(step: np.ndarray, begin: np.ndarray | None = None) -> np.ndarray:
+    """Row indices where a new incarnation begins (0 first): a resume record (``begin``: the rows' BEGIN
+    column), or, where there is none, the step went below the one before it."""
     s = np.asarray(step, dtype=np.float64)
     ok = np.flatnonzero(np.isfinite(s))
-    if not len(ok):
-        return np.array([0], dtype=np.int64)
-    back = ok[1:][s[ok[1:]] < s[ok[:-1]]]
-    return np.concatenate([[0], back]).astype(np.int64)
+    back = ok[1:][s[ok[1:]] < s[ok[:-1]]] if len(ok) else ok
+    marked = np.flatnonzero(np.isfinite(begin)) if begin is not None else back[:0]
+    return np.unique(np.concatenate([[0], back, marked])).astype(np.int64)
 
 
-def lost_mask(step: np.ndarray, starts: np.ndarray) -> np.ndarray:
-    """True for rows of a dead incarnation that a later one redid (step at or beyond a later resume step)."""
+def lost_mask(step: np.ndarray, starts: np.ndarray, begin: np.ndarray | None = None) -> np.ndarray:
+    """True for rows of a dead incarnation that a later one redid: beyond a later resume step (the step of
+    its resume record, or, without one, at or beyond its first step)."""
     s = np.asarray(step, dtype=np.float64)
     lost = np.zeros(len(s), dtype=bool)
     cut = math.inf
@@ -42,7 +73,9 @@ def lost_mask(step: np.ndarray, starts: np.ndarray) -> np.ndarray:
         seg = s[a:b]
         fin = seg[np.isfinite(seg)]
         if len(fin):
-            cut = min(cut, float(fin[0]))
+            resumed = begin is not None and np.isfinite(begin[a]) and np.isfinite(s[a])
+            # a resume record's step S was saved, not lost: the work lost is beyond it
+            cut = min(cut, float(np.nextafter(s[a], math.inf)) if resumed else float(fin[0]))
     return lost
 
 
@@ -83,8 +116,8 @@ def split(rows: dict[str, np.ndarray], metric: str, starts: np.ndarray | None = 
     metrics of the same rows without recomputing them (the dearest part on a long run)."""
     step = rows["step"]
     y = rows[metric]
-    starts = incarnation_starts(step) if starts is None else starts
-    lost = lost_mask(step, starts) if lost is None else lost
+    starts = incarnation_starts(step, rows.get(BEGIN)) if starts is None else starts
+    lost = lost_mask(step, starts, rows.get(BEGIN)) if lost is None else lost
     has = np.isfinite(y) & np.isfinite(step)
     live = np.flatnonzero(has & ~lost)
     gone = np.flatnonzero(has & lost)
@@ -135,10 +168,13 @@ def covers(rows: dict[str, np.ndarray], window: tuple[str, float, float]) -> boo
     return not len(v) or (lo <= float(v.min()) and hi >= float(v.max()))
 
 
-def appends_only(step: np.ndarray, start: int) -> bool:
-    """True when rows ``start:`` only go on from the rows before them: no step goes back (no new
-    incarnation, no lost work), so they can be added to a drawn line as they are."""
-    s = np.asarray(step, dtype=np.float64)
+def appends_only(rows: dict[str, np.ndarray], start: int) -> bool:
+    """True when rows ``start:`` only go on from the rows before them: no resume or new run, no step goes
+    back (no new incarnation, no lost work), so they can be added to a drawn line as they are."""
+    b = rows.get(BEGIN)
+    if b is not None and np.isfinite(b[start:]).any():
+        return False
+    s = np.asarray(rows["step"], dtype=np.float64)
     new = s[start:][np.isfinite(s[start:])]
     before = s[:start][np.isfinite(s[:start])]
     if len(new) > 1 and bool((np.diff(new) < 0).any()):
@@ -164,22 +200,24 @@ class Frame:
     resumes: list[tuple[float, str]]  # (step, hover text) where a later incarnation resumed
     live_step: np.ndarray  # the loss line's live rows, where markers placed by wall time go
     live_t: np.ndarray
-    t0: float | None  # the stream's first wall time: relative time counts from it
+    t0: float | None  # the latest run's first wall time: relative time counts from it
 
 
 def frame(rows: dict[str, np.ndarray], stream: str, metrics: tuple[str, ...], n_out: int,
           window: tuple[str, float, float] | None = None) -> Frame:
-    """Every metric's live line and lost work, downsampled to ``n_out``, and the resumes, of one stream.
+    """Every metric's live line and lost work, downsampled to ``n_out``, and the resumes, of the latest run
+    of one stream.
 
     With a ``window`` (column ``step`` or ``t``, lo, hi: a zoomed plot's visible range), only the rows in it
     are drawn, so the ``n_out`` points show that range at full resolution (down to every row)."""
+    rows = latest_run(rows)
     fin_t = rows["t"][np.isfinite(rows["t"])]
-    t0 = float(fin_t.min()) if len(fin_t) else None  # relative time counts from the stream's first record
+    t0 = float(fin_t.min()) if len(fin_t) else None  # relative time counts from the run's first record
     live_cols, lost_cols = {}, {}
     live_step = live_t = np.empty(0)
-    step = rows["step"]
-    starts = incarnation_starts(step)
-    lost = lost_mask(step, starts)
+    step, t = rows["step"], rows["t"]
+    starts = incarnation_starts(step, rows.get(BEGIN))
+    lost = lost_mask(step, starts, rows.get(BEGIN))
     for metric in metrics:
         live, gone, gaps = split(rows, metric, starts, lost)
         if window is not None:
@@ -190,9 +228,36 @@ def frame(rows: dict[str, np.ndarray], stream: str, metrics: tuple[str, ...], n_
         lost_cols[metric] = {**g.columns(t0), "run": [stream + " (lost work)"] * len(g)}
         if metric == "loss":
             live_step, live_t = rows["step"][live], rows["t"][live]
-    resumes = []
-    for start in starts[1:]:
-        prev = step[:start][np.isfinite(step[:start])]
-        resumes.append((float(step[start]), f"{stream}: restart, resumed at step {step[start]:.0f}"
-                        + (f" (steps {step[start]:.0f}-{prev.max():.0f} lost)" if len(prev) else "")))
+    begin = rows.get(BEGIN)
+    resumes = [(float(step[a]), resume_text(stream, step, t, int(a), begin is not None and bool(np.isfinite(begin[a]))))
+               for a in starts[1:] if np.isfinite(step[a])]
     return Frame(live_cols, lost_cols, resumes, live_step, live_t, t0)
+
+
+def resume_text(stream: str, step: np.ndarray, t: np.ndarray, a: int, recorded: bool) -> str:
+    """The hover text of the restart at row ``a``: where it resumed, how long the trainer was down, what
+    was lost (the dead incarnation's steps beyond the resume step). ``recorded``: row ``a`` is the
+    trainer's resume record (its step is the checkpoint's); else the first row after the step went back."""
+    s = float(step[a])
+    prev = step[:a][np.isfinite(step[:a])]
+    before = t[:a][np.isfinite(t[:a])]
+    down = float(t[a] - before.max()) if len(before) and math.isfinite(t[a]) else math.nan
+    text = f"{stream}: restart, resumed at step {s:.0f}" if recorded else f"{stream}: restart, resumed by step {s:.0f}"
+    if math.isfinite(down) and down >= 1:
+        text += f" after {duration(down)} down"
+    lost = prev[prev > s] if recorded else prev[prev >= s]
+    first = s + 1 if recorded else s
+    return text + (f" (steps {first:.0f}-{lost.max():.0f} lost)" if len(lost) else " (no steps lost)")
+
+
+def duration(seconds: float) -> str:
+    """``45s``, ``12m30s``, ``3h05m``, ``2d04h``: how long, as a person reads it (as the relative-time axis
+    writes its ticks: dashboard.xaxis)."""
+    sec = int(round(seconds))
+    if sec < 60:
+        return f"{sec}s"
+    if sec < 3600:
+        return f"{sec // 60}m{sec % 60:02d}s"
+    if sec < 86400:
+        return f"{sec // 3600}h{sec % 3600 // 60:02d}m"
+    return f"{sec // 86400}d{sec % 86400 // 3600:02d}h"

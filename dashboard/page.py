@@ -5,7 +5,7 @@ update (pushed after each collector cycle): new resource points through
 ``ColumnDataSource.stream(..., rollover=history_points)``, changed table cells through
 ``patch``, Div text only when it differs, and a training line's new points streamed onto it
 (drawn whole again, once for every session, after a resume or TAIL_MAX new rows:
-dashboard.training_plots). At most one pushed update per PUSH_GAP_S. It reads the shared
+dashboard.training_plots). At most one pushed update per PUSH_GAP_S (dashboard.push). It reads the shared
 ``Collector`` (same event loop, no locks) and never touches the run dir: the panels too
 read what the collector read off the loop (dashboard.rundir).
 """
@@ -13,7 +13,6 @@ read what the collector read off the loop (dashboard.rundir).
 from __future__ import annotations
 
 import logging
-import time
 from typing import Any
 
 from bokeh.document import Document
@@ -25,6 +24,7 @@ from bokeh.plotting import figure
 from keel.status.models import ProcessStatus
 from keel.status.results import ReadError, Stale
 
+from dashboard.push import pusher
 from dashboard.training_plots import TrainingPlots
 from dashboard.collector import RESOURCE_COLUMNS, Collector, gpu_column, proc_column
 from dashboard.runs_panel import mount_runs_panel
@@ -350,41 +350,6 @@ def _empty_rows() -> dict[str, list]:
     return {c: [] for c in ROW_COLUMNS}
 
 
-# At most one pushed update a session per PUSH_GAP_S: a trainer writing every few ms would otherwise
-# have every tab repaint its plots 20 times a second (the poll's pace), which kept a headless Chromium's
-# main thread busy (measured: a page evaluation took 2 s instead of ms). A push within the gap waits for
-# its end, so a write still shows within the gap plus one poll.
-PUSH_GAP_S = 0.1
-
-
-def _pusher(doc: Document, view: SessionView, clock: Any = time.monotonic) -> Any:
-    """A collector listener that runs ``view.update`` on the session's next tick (under its
-    document lock), at most one pending at a time however far the loop has fallen behind,
-    and at most one per PUSH_GAP_S."""
-    pending = False
-    last = -PUSH_GAP_S
-
-    def run() -> None:
-        nonlocal pending, last
-        pending, last = False, clock()
-        t0 = time.perf_counter()
-        view.update()
-        view.c.session_seconds.append(time.perf_counter() - t0)  # in refresh_stats: the bench's session cost
-
-    def push() -> None:
-        nonlocal pending
-        if pending:
-            return
-        pending = True
-        wait = last + PUSH_GAP_S - clock()
-        if wait > 0:
-            doc.add_timeout_callback(run, int(wait * 1000) + 1)
-        else:
-            doc.add_next_tick_callback(run)
-
-    return push
-
-
 def make_doc(doc: Document, collector: Collector) -> SessionView:
     """Build the page into ``doc`` and start its per-session updates; returns the view (for tests)."""
     view = SessionView(doc, collector)
@@ -397,7 +362,7 @@ def make_doc(doc: Document, collector: Collector) -> SessionView:
     collector.sessions += 1
     # The timer keeps the header honest when the reader stalls; new data arrives by the push below.
     callback = doc.add_periodic_callback(view.update, int(collector.cfg.refresh * 1000))
-    unsubscribe = collector.subscribe(_pusher(doc, view)) if doc.session_context is not None else None
+    unsubscribe = collector.subscribe(pusher(doc, view)) if doc.session_context is not None else None
 
     def _destroyed(session_context: Any) -> None:
         collector.sessions = max(0, collector.sessions - 1)

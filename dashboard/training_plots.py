@@ -202,7 +202,7 @@ class TrainingPlots:
         serial = rows["serial"]
         start = int(np.searchsorted(serial, self.sent[stream], side="right"))
         since_frame = len(serial) - int(np.searchsorted(serial, self._frame_serials[stream], side="right"))
-        if since_frame > TAIL_MAX or not curves.appends_only(rows["step"], start):
+        if since_frame > TAIL_MAX or not curves.appends_only(rows, start):
             return False
         if f.t0 is None and np.isfinite(rows["t"][start:]).any():
             return False  # the first wall times: relative time needs its zero (the frame's)
@@ -226,7 +226,7 @@ class TrainingPlots:
             f = shared
             if key in self.zoom:
                 win = xaxis.window(self.x_mode, *self.zoom[key], shared.t0)
-                if not curves.covers(rows, win):
+                if not curves.covers(curves.latest_run(rows), win):
                     f = curves.frame(rows, stream, METRICS_OF[key], N_OUT, window=win)
             for metric in METRICS_OF[key]:
                 self.sources[f"{stream}/{metric}"].data = xaxis.with_x(f.live[metric], self.x_mode)
@@ -270,7 +270,7 @@ class TrainingPlots:
         step = np.concatenate([f.live_step, rows["step"][on]])
         t = np.concatenate([f.live_t, rows["t"][on]])
         return [curve_events.Marker(step, "resume", what) for step, what in f.resumes] + curve_events.markers(
-            self._records, stream, step, t, self._processes.get(stream, ()))
+            self._records, stream, step, t, self._processes.get(stream, ()), since=f.t0)
 
     def _draw_markers(self) -> None:
         # every stream's markers, each on its stream's line in each figure (that figure's y scale), placed
@@ -302,8 +302,8 @@ class TrainingPlots:
 
     def _overlay(self, label: str, records: list[dict], baseline: bool) -> None:
         self.clear_overlay(label)
-        h = History(("step", "t", *[m for m, _ in METRICS]), max(4, len(records) + 1))
-        h.extend(records)
+        h = History(("step", "t", curves.BEGIN, *[m for m, _ in METRICS]), max(4, len(records) + 1))
+        h.extend(curves.tag_begins(records))
         rows = h.arrays()
         added = []
         for metric, key in METRICS:

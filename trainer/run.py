@@ -197,6 +197,11 @@ class Run:
     def event(self, name: str, level: int = logging.INFO, **fields: Any) -> None:
         """Log an event and write it to the metrics file at once (`{"event": name, ...}`)."""
         self.logger.log(level, name, extra={"event": name, **fields})
+        self.record(name, **fields)
+
+    def record(self, name: str, **fields: Any) -> None:
+        """Write an event record to the metrics file at once, with no log line of its own (for an event
+        whose log line says more than its name)."""
         self._pending.append({"event": name, "t": time.time(), **fields})
         self._flush_metrics()
 

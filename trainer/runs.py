@@ -6,6 +6,8 @@ is a new run; a start that finds one of its own run's checkpoints resumes that r
 another config digest (or before digests existed) is never loaded. It is moved to
 `<checkpoint_dir>/superseded/<run_id>/` (kept, not loaded) and a new run starts, with a
 `new_run` event and log line naming the old run, the reason and where its checkpoints went.
+Every start writes where its run began into the metrics stream (and so the run's archive): a
+`new_run` record, or a `resume` record at the checkpoint's step (dashboard.curves draws those).
 
 The config digest covers what shapes the checkpoint's contents, so that loading it is
 either impossible or a different experiment:
@@ -130,7 +132,6 @@ class RunArchive:
             self.summary = old.model_copy(update={
                 "end": "running", "ended": None, "error": None, "resumes": old.resumes + 1, "updated": now,
             })
-            archive_files.append_metrics(self.root, run_id, [{"event": "resume", "step": step, "t": now}])
         else:
             self._tally = Tally()
             self.summary = RunSummary(
@@ -205,23 +206,20 @@ class RunLedger:
         choice = choose(loaded.state if loaded is not None else None, self.digest)
         if choice.resume:
             run_id = choice.previous or run.run_id
-            self._begin(run_id, resumed=True, step=int(loaded.state.get("step", loaded.step)))
+            self._begin(run, run_id, resumed=True, step=int(loaded.state.get("step", loaded.step)))
             return True
-        where = None
-        if loaded is not None and run.is_main:
-            where = self._store.set_aside(choice.previous or "unknown")
-        self._begin(run.run_id, resumed=False, step=0)
-        if loaded is not None:
-            run.event(
-                "new_run", level=logging.WARNING, run_id=run.run_id, previous_run_id=choice.previous,
-                reason=choice.reason, checkpoints_moved_to=str(where) if where else None,
-            )
+        if loaded is None:
+            self._begin(run, run.run_id, resumed=False, step=0, reason=choice.reason)
+            return False
+        where = self._store.set_aside(choice.previous or "unknown") if run.is_main else None
+        self._begin(run, run.run_id, resumed=False, step=0, reason=choice.reason, warn=True,
+                    previous_run_id=choice.previous, checkpoints_moved_to=str(where) if where else None)
         return False
 
     def ensure_started(self, run: Any) -> None:
         """The entry trains without loading a checkpoint: that is a new run."""
         if not self.started:
-            self._begin(run.run_id, resumed=False, step=0)
+            self._begin(run, run.run_id, resumed=False, step=0, reason="the entry loads no checkpoint")
 
     def records(self, records: list[dict]) -> None:
         """Records on their way to the metrics file: archived too (buffered until the run is known)."""
@@ -239,7 +237,12 @@ class RunLedger:
         if self.started:
             self._safely(lambda a: a.close(how, error))
 
-    def _begin(self, run_id: str, *, resumed: bool, step: int) -> None:
+    def _begin(self, run: Any, run_id: str, *, resumed: bool, step: int, warn: bool = False,
+               **why: Any) -> None:
+        """Open the run in the archive, then say in the metrics stream where it began: a `resume` record
+        at the checkpoint's step (the page draws a restart there, however clean), or a `new_run` record
+        (the page starts the curves afresh: the run before is another run, not this one's lost work).
+        `warn`: a checkpoint of another run was set aside (`why` says which and where it went)."""
         self.started = True
         self.run_id = run_id
         word = "resumed run" if resumed else "new run"
@@ -249,6 +252,12 @@ class RunLedger:
         early, self._early = self._early, []
         if early:
             self._safely(lambda a: a.append(early))
+        if resumed:
+            run.record("resume", step=step, run_id=run_id)
+        elif warn:
+            run.event("new_run", level=logging.WARNING, step=step, run_id=run_id, **why)
+        else:
+            run.record("new_run", step=step, run_id=run_id, **why)
 
     def _safely(self, action: Callable[[RunArchive], None]) -> None:
         if self.archive is None:

@@ -8,6 +8,7 @@ from pathlib import Path
 import pytest
 
 from tests.browser.test_dashboard_page import CHROMIUM_ARGS, T
+from tests.browser.test_training_curves import _series
 from tests.integration import trainer_fixtures
 from tests.integration.test_dashboard_server import start_dashboard, write_config
 from tests.support import ProcessReaper, free_port, wait_until
@@ -63,6 +64,14 @@ def test_two_earlier_runs_overlay_and_a_pinned_baseline_survives_a_reload(tmp_pa
             for run_id in ids:
                 pg.get_by_text(run_id, exact=True).first.wait_for(timeout=T * 1000)
             assert overlay(pg, f"run {ids[0]}") is None
+            # the live curves are the latest run's: the run before it in the same metrics file is another
+            # run (in the runs table), not this one's restart with its 40 steps drawn as lost work
+            wait_until(lambda: len((_series(pg, "metrics:trainer") or {"x": []})["x"]) >= 20, T, what="live line")
+            live, lost = _series(pg, "metrics:trainer"), _series(pg, "metrics:trainer:lost")
+            assert 1 <= min(live["x"]) and max(live["x"]) <= 25 and lost["x"] == [], (live["x"], lost["x"])
+            marks = pg.evaluate("""() => { const d = Bokeh.documents[0].get_model_by_name('training_events').data;
+                                   return Array.from(d instanceof Map ? d.get('what') : d.what); }""")
+            assert not [m for m in marks if "restart" in m], marks
 
             # a person's clicks: one row, then ctrl-click the other
             pg.get_by_text(ids[0], exact=True).first.click()

@@ -76,7 +76,7 @@ def test_switching_entry_starts_a_new_run_instead_of_a_crash_loop(tmp_path, reap
     assert new_id != old_id
     (logged,) = [r for r in tp2.log_records() if r.get("event") == "new_run"]
     assert logged["previous_run_id"] == old_id and "config changed" in logged["reason"]
-    (event,) = [r for r in tp2.metrics() if r.get("event") == "new_run"]
+    (event,) = [r for r in tp2.metrics() if r.get("event") == "new_run" and r["run_id"] == new_id]
     moved = tmp_path / "checkpoints" / "superseded" / old_id
     assert event["checkpoints_moved_to"] == str(moved) and any(moved.glob("ckpt-*.pt"))  # kept, not loaded
     listed = files.list_runs(files.runs_root(tp2.run_dir, "trainer"))
@@ -89,3 +89,6 @@ def test_switching_entry_starts_a_new_run_instead_of_a_crash_loop(tmp_path, reap
                      params={"lookback": 10} if after else {})
     assert tp3.payload()["run_id"] == new_id
     assert not [r for r in tp3.log_records() if r.get("event") == "new_run"]
+    # the metrics stream says where each start began: two new runs, then the resume of the second
+    assert [(r["event"], r["run_id"]) for r in tp3.metrics() if r.get("event") in ("new_run", "resume")] == [
+        ("new_run", old_id), ("new_run", new_id), ("resume", new_id)]

@@ -87,6 +87,8 @@ def test_sigkill_then_restart_resumes_skipping_a_corrupt_checkpoint_and_double_s
     wait_until(lambda: tp2.step() > good + 50, 60, what="progress after resume")
     resumed = [r for r in tp2.log_records() if r.get("event") == "resume"]
     assert resumed and resumed[0]["step"] == good
+    # and in the metrics stream, where the page draws the restart from (even one at the very step it stopped)
+    assert [r["step"] for r in tp2.metrics() if r.get("event") == "resume"] == [good]
     assert any(r.get("event") == "checkpoint_corrupt" for r in tp2.metrics())
     assert not stale.exists()
     assert not corrupt.exists() and corrupt.with_name(corrupt.name + ".corrupt").exists()

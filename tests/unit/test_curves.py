@@ -4,7 +4,7 @@ import math
 
 import numpy as np
 
-from dashboard import curves
+from dashboard import curve_events, curves
 from dashboard.collector import METRIC_COLUMNS
 from dashboard.history import History
 
@@ -61,3 +61,51 @@ def test_history_reduction_keeps_every_spike():
     h.extend({"step": i, "loss": 100.0 if i == 123 else 1.0} for i in range(5000))
     assert len(h) <= 1000 and h.downsamples > 0 and np.nanmax(h.arrays()["loss"]) == 100.0
     assert math.isclose(h.latest("loss"), 1.0)
+
+
+def test_a_clean_resume_after_downtime_is_a_restart_with_nothing_lost():
+    # SIGTERM at step 100 with its checkpoint, resumed 4 h later: the step does not go back, but the
+    # trainer's resume record says where it began again, so the line breaks and the marker says why
+    recs = [{"step": i, "loss": 1.0, "t": i} for i in range(1, 101)]
+    recs += [{"event": "resume", "step": 100, "t": 100 + 4 * 3600, "run_id": "r"}]
+    recs += [{"step": i, "loss": 0.5, "t": 4 * 3600 + i} for i in range(101, 151)]
+    rows = _rows(curves.tag_begins(recs))
+    assert list(curves.incarnation_starts(rows["step"], rows[curves.BEGIN])) == [0, 100]
+    f = curves.frame(rows, "trainer", ("loss",), 2000)
+    ys = np.array(f.live["loss"]["y"])
+    assert int(np.isnan(ys).sum()) == 1 and len(f.lost["loss"]["y"]) == 0
+    assert f.live["loss"]["step"][int(np.flatnonzero(np.isnan(ys))[0])] == 101  # the break: just before 101
+    ((at, what),) = f.resumes
+    assert at == 100 and what == "trainer: restart, resumed at step 100 after 4h00m down (no steps lost)"
+
+
+def test_a_resume_record_loses_exactly_the_steps_beyond_the_checkpoint():
+    recs = [{"step": i, "loss": 1.0, "t": i} for i in range(1, 101)]
+    recs += [{"event": "resume", "step": 60, "t": 130.0}] + [{"step": i, "loss": 0.5, "t": 70 + i} for i in range(61, 91)]
+    rows = _rows(curves.tag_begins(recs))
+    live, gone, _ = curves.split(rows, "loss")
+    assert sorted(rows["step"][gone]) == list(range(61, 101))  # step 60 was saved: live, not lost
+    assert 60 in rows["step"][live]
+    (_, what), = curves.frame(rows, "trainer", ("loss",), 2000).resumes
+    assert what == "trainer: restart, resumed at step 60 after 30s down (steps 61-100 lost)"
+
+
+def test_a_new_run_in_the_same_file_starts_the_curves_afresh():
+    # checkpoints cleared between two runs: the second is not the first's restart with 200 steps "lost"
+    recs = [{"event": "new_run", "step": 0, "t": 0.0, "run_id": "a"}]
+    recs += [{"step": i, "loss": 1.0, "t": float(i)} for i in range(1, 201)]
+    recs += [{"event": "checkpoint", "step": 200, "t": 200.0}]
+    recs += [{"event": "new_run", "step": 0, "t": 5000.0, "run_id": "b"}]
+    recs += [{"step": i, "loss": 0.5, "t": 5000.0 + i} for i in range(1, 51)]
+    rows = _rows(curves.tag_begins(recs))
+    f = curves.frame(rows, "trainer", ("loss",), 2000)
+    assert f.live["loss"]["step"] == [float(i) for i in range(1, 51)] and set(f.live["loss"]["y"]) == {0.5}
+    assert f.lost["loss"]["y"] == [] and f.resumes == [] and f.t0 == 5000.0
+    assert f.live["loss"]["rel"][0] == 1000.0  # relative time counts from the new run's start
+    # the old run's checkpoint record is not a marker of the new run's curves
+    cols = {c: rows[c] for c in ("step", "t")}
+    tagged = [{**r, "stream": "trainer"} for r in recs if "event" in r]
+    marks = curve_events.markers(tagged, "trainer", cols["step"][-50:], cols["t"][-50:], since=f.t0)
+    assert marks == []
+    assert not curves.appends_only(rows, len(rows["step"]) - 51)  # rows holding a new run: a whole redraw
+    assert curves.appends_only(rows, len(rows["step"]) - 50)

@@ -351,7 +351,7 @@ def test_sessions_share_one_drawn_frame_per_change(run_dir, monkeypatch):
 
 
 def test_pushes_to_a_session_are_at_least_the_push_gap_apart(run_dir):
-    from dashboard.page import PUSH_GAP_S, _pusher
+    from dashboard.push import PUSH_GAP_S, pusher
 
     class Doc:  # the two scheduling calls of a Bokeh Document, recorded
         def __init__(self):
@@ -374,7 +374,7 @@ def test_pushes_to_a_session_are_at_least_the_push_gap_apart(run_dir):
     c = Collector(cfg)
     now = [100.0]
     doc, view = Doc(), View(c)
-    push = _pusher(doc, view, clock=lambda: now[0])
+    push = pusher(doc, view, clock=lambda: now[0])
     push()
     push()  # one pending at a time
     assert [k for k, _, _ in doc.calls] == ["tick"]

@@ -194,8 +194,11 @@ def test_a_resume_continues_its_run_and_a_changed_config_starts_a_new_one(tmp_pa
     store = CheckpointStore(tmp_path / "checkpoints")
     assert store.steps() == []
     assert (tmp_path / "checkpoints" / "superseded" / "first" / "ckpt-000000003.pt").exists()
-    (event,) = [r for r in live_metrics(tmp_path) if r.get("event") == "new_run"]
-    assert event["previous_run_id"] == "first" and event["run_id"] == "second"
+    # every start says in the metrics stream where its run began: the page draws restarts and new runs from it
+    begins = [(r["event"], r["run_id"], r["step"]) for r in live_metrics(tmp_path) if r.get("event") in ("new_run", "resume")]
+    assert begins == [("new_run", "first", 0), ("resume", "first", 3), ("new_run", "second", 0)]
+    (event,) = [r for r in live_metrics(tmp_path) if r.get("event") == "new_run" and r["run_id"] == "second"]
+    assert event["previous_run_id"] == "first"
     assert "config changed" in event["reason"] and event["checkpoints_moved_to"].endswith("superseded/first")
     changed.report(step=1, loss=5.0)
     changed.save_checkpoint({"model": "B"}, 1)

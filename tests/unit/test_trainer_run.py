@@ -73,9 +73,11 @@ def make_run(tmp_path, *, rank=0, any_rank=None, **trainer):
     return run, reporter, clock, stop
 
 
-def metrics(tmp_path) -> list[dict]:
+def metrics(tmp_path, *, events: bool = False) -> list[dict]:
+    """The metrics file's step records (and its event records too, with ``events``: the run's start...)."""
     path = tmp_path / "run" / "trainer.metrics.jsonl"
-    return [json.loads(line) for line in path.read_text().splitlines()] if path.exists() else []
+    recs = [json.loads(line) for line in path.read_text().splitlines()] if path.exists() else []
+    return recs if events else [r for r in recs if "event" not in r]
 
 
 def test_reporting_is_throttled_and_summarised(tmp_path):
@@ -132,7 +134,7 @@ def test_nan_policies(tmp_path):
     assert run.nonfinite_loss(3, math.nan) == "skip"
     run.report(step=3, loss=math.nan)  # already handled for step 3: no second event
     run.report(step=4, loss=math.inf)  # a plug-in that only reports: the policy still applies
-    events = [r for r in metrics(tmp_path) if r.get("event") == "nonfinite_loss"]
+    events = [r for r in metrics(tmp_path, events=True) if r.get("event") == "nonfinite_loss"]
     assert [(e["step"], e["loss"], e["action"]) for e in events] == [(3, "nan", "skip"), (4, "inf", "skip")]
 
     run2, _, _, _ = make_run(tmp_path / "b", on_nan="stop")
