@@ -103,7 +103,7 @@ class SessionView:
         self._sent: dict[str, int] = {}
         self._event_serial = -1
         self._event_lines: list[str] = []
-        self._generation = -1
+        self._generation = self._plots_generation = -1  # the collector generation each part last drew
         # Host, process and GPU lines all read this one source (one row per sample).
         self.resources_source = ColumnDataSource(collector.resources.data(RESOURCE_COLUMNS),
                                                  name="resources")
@@ -177,8 +177,20 @@ class SessionView:
 
     def update(self) -> None:
         """Send this session what changed since its last update; never raises into the loop."""
+        self.update_text()
+        self.update_plots()
+
+    def update_text(self) -> None:
+        """The header, table and text panels (what a person reads: the step, the verdicts); never raises."""
+        self._guarded(self._update_text)
+
+    def update_plots(self) -> None:
+        """The training lines, their markers, and the resource lines; never raises."""
+        self._guarded(self._update_plots)
+
+    def _guarded(self, part: Any) -> None:
         try:
-            self._update()
+            part()
             if self.update_error.visible:
                 self.update_error.visible = False
         except Exception as exc:  # noqa: BLE001 - keep the page alive and say what broke
@@ -193,7 +205,7 @@ class SessionView:
         session = getattr(ctx, "session", None) if ctx is not None else None
         return session is None or session.connection_count > 0
 
-    def _update(self) -> None:
+    def _update_text(self) -> None:
         c = self.c
         if not self._connected():
             return  # the doc stays consistent: the next update sends everything since the last one
@@ -206,13 +218,6 @@ class SessionView:
         )))
         self._update_table(c.rows)
         self._set(self.training, self._derived("training", self._training_html))
-        streams = sorted(c.metrics)[:MAX_PLOTTED]
-        writers = {s: tuple(p.name for p in c.cfg.processes if s in p.status_names) for s in streams}
-        if self.plots.update(c.metrics, streams, c.event_records, writers, c.frame) and \
-                len(streams) != len(self._training_keys):
-            self._training_keys = [(Category10_10[i % 10], n) for i, n in enumerate(streams)]
-            self._set(self.training_key, _key_html(self._training_keys))
-        self._update_resources()
         no_gpu = not c.gpus
         self._set(self.gpu_note, f"{badge('no GPU', WARN)} {esc(c.gpu_error or 'no GPU metrics')}" if no_gpu
                   else self._derived("gpu_note", self._gpu_readings_html))
@@ -227,6 +232,19 @@ class SessionView:
         self._set(self.logs, self._derived("logs", lambda: "".join(
             f"<div><b>{esc(name)}</b>{_pre(lines)}</div>" for name, lines in sorted(c.logs.items())
         ) or f"<i style='color:{GREY}'>no log files configured (no stack file?)</i>"))
+
+    def _update_plots(self) -> None:
+        c = self.c
+        if not self._connected() or c.generation == self._plots_generation:
+            return
+        self._plots_generation = c.generation
+        streams = sorted(c.metrics)[:MAX_PLOTTED]
+        writers = {s: tuple(p.name for p in c.cfg.processes if s in p.status_names) for s in streams}
+        if self.plots.update(c.metrics, streams, c.event_records, writers, c.frame) and \
+                len(streams) != len(self._training_keys):
+            self._training_keys = [(Category10_10[i % 10], n) for i, n in enumerate(streams)]
+            self._set(self.training_key, _key_html(self._training_keys))
+        self._update_resources()
 
     def _derived(self, key: str, make: Any) -> str:
         """Text shared by all sessions for this collector generation."""

@@ -350,8 +350,8 @@ def test_sessions_share_one_drawn_frame_per_change(run_dir, monkeypatch):
     c.runner.close()
 
 
-def test_pushes_to_a_session_are_at_least_the_push_gap_apart(run_dir):
-    from dashboard.push import PUSH_GAP_S, pusher
+def test_pushes_to_a_session_are_at_least_the_push_gap_apart_and_the_plots_follow_the_text(run_dir):
+    from dashboard.push import PLOTS_AFTER_S, PUSH_GAP_S, pusher
 
     class Doc:  # the two scheduling calls of a Bokeh Document, recorded
         def __init__(self):
@@ -365,10 +365,13 @@ def test_pushes_to_a_session_are_at_least_the_push_gap_apart(run_dir):
 
     class View:
         def __init__(self, c):
-            self.c, self.updates = c, 0
+            self.c, self.parts = c, []
 
-        def update(self):
-            self.updates += 1
+        def update_text(self):
+            self.parts.append("text")
+
+        def update_plots(self):
+            self.parts.append("plots")
 
     cfg, _ = run_dir
     c = Collector(cfg)
@@ -379,13 +382,21 @@ def test_pushes_to_a_session_are_at_least_the_push_gap_apart(run_dir):
     push()  # one pending at a time
     assert [k for k, _, _ in doc.calls] == ["tick"]
     doc.calls.pop()[2]()
+    assert view.parts == ["text"]  # the text goes first, in a message of its own
+    kind, ms, plots = doc.calls.pop()
+    assert kind == "timeout" and ms == int(PLOTS_AFTER_S * 1000)
+    push()  # still pending until the plots went
+    assert doc.calls == []
+    plots()
+    assert view.parts == ["text", "plots"] and len(c.session_seconds) == 1
     now[0] += PUSH_GAP_S / 4
     push()  # too soon after the last update: it waits for the rest of the gap
     kind, ms, run = doc.calls.pop()
     assert kind == "timeout" and abs(ms - PUSH_GAP_S * 0.75 * 1000) <= 1.5
     now[0] += PUSH_GAP_S
     run()
+    doc.calls.pop()[2]()
     now[0] += 2 * PUSH_GAP_S
     push()  # long after: at once
-    assert doc.calls[-1][0] == "tick" and view.updates == 2
+    assert doc.calls[-1][0] == "tick" and view.parts == ["text", "plots"] * 2
     c.runner.close()
