@@ -120,7 +120,7 @@ class SessionView:
         # second). Apart, a change re-measures its own part.
         self.roots = [
             self.header, self.errors, self.table, self.training, self.training_key,
-            self.plots.layout,
+            *self.plots.roots,
             self.resources_key,
             row(self.cpu, self.ram, column(self.gpu_note, self.gpu, sizing_mode="stretch_width"),
                 sizing_mode="stretch_width"),

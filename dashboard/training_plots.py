@@ -15,7 +15,7 @@ from typing import Any, Callable
 
 import numpy as np
 from bokeh.events import RangesUpdate, Reset
-from bokeh.layouts import column, row
+from bokeh.layouts import row
 from bokeh.models import (
     ColumnDataSource, CustomJS, CustomJSHover, CustomJSTransform, HoverTool, Line, Scatter, Select, Slider, Toggle,
     VArea,
@@ -120,15 +120,17 @@ class TrainingPlots:
         self.x_select.js_on_change("value", CustomJS(args={"figs": [f for k in self.figs for f in
                                                                     (self.figs[k], self.log_figs[k])]},
                                                      code="for (const f of figs) f.reset.emit()"))
-        self.layout = column(row(self.smoothing, self.x_select, *toggles, sizing_mode="stretch_width"),
-                             row(*[column(self.figs[k], self.log_figs[k], sizing_mode="stretch_width")
-                                   for k, _ in FIGURES], sizing_mode="stretch_width"),
-                             sizing_mode="stretch_width")
+        # The controls and each figure are roots of their own (the page's ``roots``): BokehJS lays a whole root
+        # out again when one of its plots changes size (an axis's tick labels grew), and one root of all six
+        # figures in rows and columns was laid out 1.5 times a second, ~0.1 s of the browser's main thread
+        # each (measured by timing BokehJS's views in the page). Alone, a figure re-measures itself.
+        self.controls = row(self.smoothing, self.x_select, *toggles, sizing_mode="stretch_width")
+        self.roots = [self.controls, *[f for k, _ in FIGURES for f in (self.figs[k], self.log_figs[k])]]
 
     def _frozen(self) -> contextlib.AbstractContextManager:
         """Bokeh recounts a document's models on every change to its model graph (~0.2 s for this page):
         frozen, a batch of new lines, axes or overlays is recounted once, at the end."""
-        doc = self.layout.document
+        doc = self.controls.document
         return doc.models.freeze() if doc is not None else contextlib.nullcontext()
 
     @staticmethod
@@ -181,8 +183,8 @@ class TrainingPlots:
                 with self._frozen():  # a new stream's 16 glyphs: one recount (1.3 s unfrozen, measured)
                     for metric, _ in METRICS:
                         self._add_metric(stream, metric, Category10_10[i % 10])
-                for m in self.layout.references():  # the browser sends back only the x select (sliders and
-                    m.syncable = m in self.synced   # toggles act in JS, zooms come as events)
+                for m in {m for r in self.roots for m in r.references()}:  # the browser sends back only the x
+                    m.syncable = m in self.synced  # select (sliders and toggles act in JS, zooms come as events)
             if hist.last_serial == self.sent.get(stream, -1):
                 continue
             if not self._append(stream):
