@@ -470,7 +470,7 @@ class Browser:
             viewport={"width": 1280, "height": 720})
         self.ctx.add_init_script(RECORDER_JS)
         self.offsets: dict[int, int] = {}  # id(page) -> records already taken
-        self.records: dict[str, list[tuple[float, int]]] = {}
+        self.records: dict[str, list[tuple[float, int, int]]] = {}  # set-up -> (seconds, step, page number)
 
     def open(self, setup: Setup, n: int = 2) -> None:
         """n sessions on the set-up's page. No waiting on the page's own scripts here: on a loaded
@@ -485,14 +485,14 @@ class Browser:
     def collect(self, setup: Setup) -> None:
         """Move the pages' new [ms, step] records into self.records[setup.key] (seconds)."""
         out = self.records.setdefault(setup.key, [])
-        for page in setup.pages:
+        for i, page in enumerate(setup.pages):
             try:
                 recs = page.evaluate("window.__keelSteps || []")
             except Exception:  # noqa: BLE001 - a closed page
                 continue
             k = id(page)
             for ms, step in recs[self.offsets.get(k, 0):]:
-                out.append((ms / 1000.0, step))
+                out.append((ms / 1000.0, step, i))
             self.offsets[k] = len(recs)
 
     def reload(self, setup: Setup) -> None:
@@ -504,7 +504,7 @@ class Browser:
 
     def page_shows_progress(self, setup: Setup, since: float) -> bool:
         self.collect(setup)
-        return any(t >= since for t, _ in self.records.get(setup.key, []))
+        return any(t >= since for t, _, _ in self.records.get(setup.key, []))
 
     def close(self) -> None:
         try:
@@ -755,18 +755,21 @@ def throughput_summary(windows: dict[str, list[dict]]) -> dict:
     return out
 
 
-def latency_summary(records: list[tuple[float, int]], walls: dict[int, float], windows: list[dict]) -> dict:
-    """Per page: first time it showed step N minus the trainer's write of step N, for writes inside a window."""
-    first: dict[tuple[int, int], float] = {}
+def latency_summary(records: list[tuple[float, int, int]], walls: dict[int, float], windows: list[dict]) -> dict:
+    """Per page: first time it showed step N minus the trainer's write of step N, for writes inside a window;
+    also each (window, page)'s median, so a window or a tab that lags as a whole shows as such."""
     lat: list[float] = []
-    for t, step in records:
+    cells: dict[str, list[float]] = {}
+    for t, step, page in records:
         wt = walls.get(step)
-        if wt is None or not any(w["t0"] <= wt <= w["t1"] for w in windows):
+        w = next((i for i, w in enumerate(windows) if w["t0"] <= wt <= w["t1"]), None) if wt is not None else None
+        if w is None or t - wt <= -0.05:  # a page cannot show a step before it was written (clock granularity)
             continue
         lat.append(t - wt)
-    lat = [x for x in lat if x > -0.05]  # a page cannot show a step before it was written (clock granularity)
+        cells.setdefault(f"window {w} page {page}", []).append(t - wt)
     return {"n": len(lat), "median_s": statistics.median(lat) if lat else None, "p95_s": pct(lat, 0.95),
-            "max_s": max(lat, default=None), "samples_s": sorted(round(x, 3) for x in lat)}
+            "max_s": max(lat, default=None), "samples_s": sorted(round(x, 3) for x in lat),
+            "median_s_by_window_and_page": {k: round(statistics.median(v), 3) for k, v in sorted(cells.items())}}
 
 
 # --------------------------------------------------------------------------- report
