@@ -372,11 +372,14 @@ def make_doc(doc: Document, collector: Collector) -> SessionView:
     """Build the page into ``doc`` and start its per-session updates; returns the view (for tests)."""
     view = SessionView(doc, collector)
     doc.title = f"{collector.cfg.project} · {collector.cfg.environment}"
-    for root in view.roots:
-        doc.add_root(root)
-    # past runs: a table, overlays on the loss curve, a baseline pin (dashboard/runs_panel.py)
-    view.runs = mount_runs_panel(doc, collector, view.plots)
-    view.incident = mount_incident_panel(doc, collector)  # dashboard/incident_panel.py
+    # Each add_root recounts the document's models (~0.05 s for this page): frozen, ~20 roots are counted
+    # once (a new tab's document took 1.0 s to build, measured with a 1,000,000-row stream; 0.3 s frozen).
+    with doc.models.freeze():
+        for root in view.roots:
+            doc.add_root(root)
+        # past runs: a table, overlays on the loss curve, a baseline pin (dashboard/runs_panel.py)
+        view.runs = mount_runs_panel(doc, collector, view.plots)
+        view.incident = mount_incident_panel(doc, collector)  # dashboard/incident_panel.py
     collector.sessions += 1
     # The timer keeps the header honest when the reader stalls; new data arrives by the push below.
     callback = doc.add_periodic_callback(view.update, int(collector.cfg.refresh * 1000))
