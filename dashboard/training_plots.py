@@ -17,8 +17,8 @@ import numpy as np
 from bokeh.events import RangesUpdate, Reset
 from bokeh.layouts import row
 from bokeh.models import (
-    ColumnDataSource, CustomJS, CustomJSHover, CustomJSTransform, HoverTool, Line, Scatter, Select, Slider, Toggle,
-    VArea,
+    ColumnDataSource, CustomJS, CustomJSHover, CustomJSTransform, HoverTool, Line, LogScale, LogTicker,
+    LogTickFormatter, Scatter, Select, Slider, Toggle, VArea,
 )
 from bokeh.palettes import Category10_10
 from bokeh.plotting import figure
@@ -51,6 +51,23 @@ _MARK_COLORS = {"resume": "red", "restart": "red", "gave_up": "black", "warning"
                 "checkpoint": "green", "trainer": "purple"}
 
 
+def _log_y_switch(fig: Any) -> CustomJS:
+    """The browser-side switch of ``fig``'s y axis between linear and log: its scale, the axis's ticker and
+    formatter, and the data range's log hint, then a reset so the range refits the data. One figure that
+    changes scale, not a hidden log copy of it: the copies were a third of the page's models, each laid
+    out again whenever its range moved (a tab's first paint and every update paid for them)."""
+    axis = fig.yaxis[0]
+    return CustomJS(args={"fig": fig, "axis": axis, "lin_scale": fig.y_scale, "log_scale": LogScale(),
+                          "lin_ticker": axis.ticker, "log_ticker": LogTicker(), "lin_format": axis.formatter,
+                          "log_format": LogTickFormatter()}, code="""
+        const log = cb_obj.active;
+        fig.y_scale = log ? log_scale : lin_scale;
+        axis.ticker = log ? log_ticker : lin_ticker;
+        axis.formatter = log ? log_format : lin_format;
+        fig.y_range.scale_hint = log ? 'log' : 'auto';
+        fig.reset.emit();""")
+
+
 def _source_name(stream: str, metric: str) -> str:
     # "metrics:<stream>" is the loss line (the page's first curve; tests and tools read it by this name)
     return f"metrics:{stream}" if metric == "loss" else f"metrics:{stream}:{metric}"
@@ -78,20 +95,14 @@ class TrainingPlots:
         self._frame_serials: dict[str, int] = {}
         self._frame_fn: Callable[[str, Callable[[], curves.Frame]], curves.Frame] | None = None
         self.figs: dict[str, Any] = {}
-        self.log_figs: dict[str, Any] = {}
         toggles = []
         for key, title in FIGURES:
-            lin = self._fig(title, key, "linear")
-            log_ = self._fig(title + " (log y)", key, "log", x_range=lin.x_range)  # one x range: one zoom
-            log_.visible = False
-            for f in (lin, log_):
-                # a zoom or pan ends with RangesUpdate; the reset tool sends RangesUpdate, then Reset
-                f.on_event(RangesUpdate, functools.partial(self._on_range, key))
-                f.on_event(Reset, functools.partial(self._on_reset, key))
-            self.figs[key], self.log_figs[key] = lin, log_
+            f = self.figs[key] = self._fig(title, key)
+            # a zoom or pan ends with RangesUpdate; the reset tool sends RangesUpdate, then Reset
+            f.on_event(RangesUpdate, functools.partial(self._on_range, key))
+            f.on_event(Reset, functools.partial(self._on_reset, key))
             tog = Toggle(label=f"log y: {key}", name=f"log_toggle:{key}", width=120, active=False)
-            tog.js_on_change("active", CustomJS(args={"lin": lin, "log": log_},
-                                                code="lin.visible = !cb_obj.active; log.visible = cb_obj.active;"))
+            tog.js_on_change("active", _log_y_switch(f))
             toggles.append(tog)
         self.smoothed_transforms: list[CustomJSTransform] = []
         self.sources: dict[str, ColumnDataSource] = {}
@@ -106,26 +117,24 @@ class TrainingPlots:
         self._records: list[dict] = []
         self._processes: dict[str, tuple[str, ...]] = {}
         self.overlays: dict[str, list[tuple[Any, Any]]] = {}
-        for key in self.figs:
-            for f in (self.figs[key], self.log_figs[key]):
-                r = f.add_glyph(self.events[key], Scatter(x="x", y="y", marker="inverted_triangle", size=11,
-                                                          fill_color="color", line_color="black"))
-                f.add_tools(HoverTool(renderers=[r], tooltips=[("event", "@what"), ("step", "@step{0,0}")]))
+        for key, f in self.figs.items():
+            r = f.add_glyph(self.events[key], Scatter(x="x", y="y", marker="inverted_triangle", size=11,
+                                                      fill_color="color", line_color="black"))
+            f.add_tools(HoverTool(renderers=[r], tooltips=[("event", "@what"), ("step", "@step{0,0}")]))
         self.smoothing.js_on_change("value", CustomJS(args={"ts": self.smoothed_transforms}, code="""
             for (const t of ts) t.change.emit();
             for (const d of Bokeh.documents) for (const m of d.all_models)
               if (m.type === 'ColumnDataSource' || (m.constructor && m.constructor.__name__ === 'ColumnDataSource'))
                 if (m.name && m.name.startsWith('metrics:')) m.change.emit();"""))
         # Switching x resets each plot's view in the browser at once (the old range is in the old unit).
-        self.x_select.js_on_change("value", CustomJS(args={"figs": [f for k in self.figs for f in
-                                                                    (self.figs[k], self.log_figs[k])]},
+        self.x_select.js_on_change("value", CustomJS(args={"figs": list(self.figs.values())},
                                                      code="for (const f of figs) f.reset.emit()"))
         # The controls and each figure are roots of their own (the page's ``roots``): BokehJS lays a whole root
         # out again when one of its plots changes size (an axis's tick labels grew), and one root of all six
         # figures in rows and columns was laid out 1.5 times a second, ~0.1 s of the browser's main thread
         # each (measured by timing BokehJS's views in the page). Alone, a figure re-measures itself.
         self.controls = row(self.smoothing, self.x_select, *toggles, sizing_mode="stretch_width")
-        self.roots = [self.controls, *[f for k, _ in FIGURES for f in (self.figs[k], self.log_figs[k])]]
+        self.roots = [self.controls, *[self.figs[k] for k, _ in FIGURES]]
 
     def _frozen(self) -> contextlib.AbstractContextManager:
         """Bokeh recounts a document's models on every change to its model graph (~0.2 s for this page):
@@ -134,10 +143,9 @@ class TrainingPlots:
         return doc.models.freeze() if doc is not None else contextlib.nullcontext()
 
     @staticmethod
-    def _fig(title: str, key: str, y_axis_type: str, **kw: Any) -> Any:
-        f = figure(title=title, height=230, sizing_mode="stretch_width", y_axis_type=y_axis_type,
-                   tools="pan,wheel_zoom,box_zoom,reset,save", name=f"{key}_plot" if y_axis_type == "linear"
-                   else f"{key}_plot_log", **kw)
+    def _fig(title: str, key: str) -> Any:
+        f = figure(title=title, height=230, sizing_mode="stretch_width", tools="pan,wheel_zoom,box_zoom,reset,save",
+                   name=f"{key}_plot")
         f.xaxis.axis_label = "step"
         f.toolbar.logo = None
         return f
@@ -151,17 +159,17 @@ class TrainingPlots:
             _empty(), name=_source_name(stream, metric) + ":lost")
         smooth = CustomJSTransform(args={"slider": self.smoothing, "source": src}, v_func=SMOOTH_JS)
         self.smoothed_transforms.append(smooth)
-        for f in (self.figs[key], self.log_figs[key]):
-            if metric == "val_loss":
-                raw = f.add_glyph(src, Scatter(x="x", y="y", size=6, fill_color=color, line_color=color))
-            else:
-                f.add_glyph(src, VArea(x="x", y1="lo", y2="hi", fill_color=color, fill_alpha=0.12))
-                raw = f.add_glyph(src, Line(x="x", y="y", line_color=color, line_alpha=0.3, line_width=1))
-                f.add_glyph(src, Line(x="x", y=transform("y", smooth), line_color=color, line_width=2),
-                            name=f"smoothed:{_source_name(stream, metric)}")
-            f.add_glyph(lost, Line(x="x", y="y", line_color="grey", line_alpha=0.35, line_dash="dotted"))
-            f.add_tools(HoverTool(renderers=[raw], tooltips=_TOOLTIPS, formatters={
-                "@t": "datetime", "@y": CustomJSHover(args={"source": src}, code=_VALUE_JS)}))
+        f = self.figs[key]
+        if metric == "val_loss":
+            raw = f.add_glyph(src, Scatter(x="x", y="y", size=6, fill_color=color, line_color=color))
+        else:
+            f.add_glyph(src, VArea(x="x", y1="lo", y2="hi", fill_color=color, fill_alpha=0.12))
+            raw = f.add_glyph(src, Line(x="x", y="y", line_color=color, line_alpha=0.3, line_width=1))
+            f.add_glyph(src, Line(x="x", y=transform("y", smooth), line_color=color, line_width=2),
+                        name=f"smoothed:{_source_name(stream, metric)}")
+        f.add_glyph(lost, Line(x="x", y="y", line_color="grey", line_alpha=0.35, line_dash="dotted"))
+        f.add_tools(HoverTool(renderers=[raw], tooltips=_TOOLTIPS, formatters={
+            "@t": "datetime", "@y": CustomJSHover(args={"source": src}, code=_VALUE_JS)}))
 
     def update(self, metrics: dict[str, Any], streams: list[str], events: Any = (),
                processes: dict[str, tuple[str, ...]] | None = None,
@@ -180,7 +188,7 @@ class TrainingPlots:
         for i, stream in enumerate(streams):
             hist = self._hists[stream] = metrics[stream]
             if f"{stream}/loss" not in self.sources:
-                with self._frozen():  # a new stream's 16 glyphs: one recount (1.3 s unfrozen, measured)
+                with self._frozen():  # a new stream's glyphs: one recount (1.3 s unfrozen, measured)
                     for metric, _ in METRICS:
                         self._add_metric(stream, metric, Category10_10[i % 10])
                 for m in {m for r in self.roots for m in r.references()}:  # the browser sends back only the x
@@ -243,7 +251,7 @@ class TrainingPlots:
         self.x_mode = mode
         self.zoom.clear()  # a range in the old unit means nothing in the new one (the browser reset the view)
         with self._frozen():
-            for f in [*self.figs.values(), *self.log_figs.values()]:
+            for f in self.figs.values():
                 f.xaxis.axis_label, f.xaxis.ticker, f.xaxis.formatter = xaxis.axis_models(mode)
                 f.xaxis.ticker.syncable = f.xaxis.formatter.syncable = False
         for stream in self.frames:
@@ -315,11 +323,10 @@ class TrainingPlots:
                 continue
             src = ColumnDataSource(xaxis.with_x({**s.columns(), "run": [label] * len(s)}, self.x_mode),
                                    name=f"overlay:{label}:{metric}")
-            for f in (self.figs[key], self.log_figs[key]):
-                glyph = (Line(x="x", y="y", line_color="black", line_dash="dashed", line_width=1.5, line_alpha=0.8)
-                         if baseline else Line(x="x", y="y", line_color="grey", line_dash="dashed", line_alpha=0.5))
-                r = f.add_glyph(src, glyph, name=f"overlay:{label}")
-                added.append((f, r))
+            f = self.figs[key]
+            glyph = (Line(x="x", y="y", line_color="black", line_dash="dashed", line_width=1.5, line_alpha=0.8)
+                     if baseline else Line(x="x", y="y", line_color="grey", line_dash="dashed", line_alpha=0.5))
+            added.append((f, f.add_glyph(src, glyph, name=f"overlay:{label}")))
         self.overlays[label] = added
 
     def clear_overlay(self, label: str) -> None:

@@ -146,11 +146,21 @@ def test_curves_are_continuous_and_smoothing_follows_the_slider(tmp_path, chromi
         wait_until(lambda: _js_equals_numpy(page, "metrics:trainer", 0.95), T, what="the page's EMA = smoothing.ema")
         page.screenshot(path=str(art / "2-smoothed.png"), full_page=True)
         page.evaluate("() => { Bokeh.documents[0].get_model_by_name('log_toggle:loss').active = true; }")
-        wait_until(lambda: page.evaluate("() => Bokeh.documents[0].get_model_by_name('loss_plot_log').visible"),
-                   T, what="log loss plot shown")
-        # two animation frames: the browser has painted the now visible plot (a condition, not a fixed sleep)
+        y_axis = """() => { const f = Bokeh.documents[0].get_model_by_name('loss_plot');
+                            return {scale: f.y_scale.type, ticker: f.left[0].ticker.type,
+                                    start: f.y_range.start, end: f.y_range.end}; }"""
+        log_y = wait_until(lambda: (a := page.evaluate(y_axis))["scale"] == "LogScale" and a, T, what="log loss plot")
+        assert log_y["ticker"] == "LogTicker"
+        # the range refits the data on the log scale: positive, and holding every drawn loss point
+        drawn = [v for v in _series(page, "metrics:trainer")["y"] if v is not None and v == v]
+        wait_until(lambda: 0 < (a := page.evaluate(y_axis))["start"] <= min(drawn) and a["end"] >= max(drawn), T,
+                   what="the log range around the loss")
+        # two animation frames: the browser has painted the plot on its new scale (a condition, not a fixed sleep)
         page.evaluate("() => new Promise(r => requestAnimationFrame(() => requestAnimationFrame(() => r(true))))")
         page.screenshot(path=str(art / "4-log-loss.png"), full_page=True)
+        page.evaluate("() => { Bokeh.documents[0].get_model_by_name('log_toggle:loss').active = false; }")
+        back = wait_until(lambda: (a := page.evaluate(y_axis))["scale"] == "LinearScale" and a, T, what="linear again")
+        assert back["ticker"] == "BasicTicker"
 
 
 def test_after_sigkill_and_resume_no_fold_back_lost_work_faint_and_a_restart_marker(tmp_path, chromium_path):

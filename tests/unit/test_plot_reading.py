@@ -61,7 +61,7 @@ def test_x_as_relative_time_and_wall_clock_moves_every_line_and_marker(tmp_path)
     assert fig.xaxis[0].axis_label == "time since the run's first record"
     plots.x_select.value = "t"
     assert src.data["x"][0] == T0 * 1000 and isinstance(fig.xaxis[0].formatter, DatetimeTickFormatter)
-    assert doc.get_model_by_name("loss_plot_log").xaxis[0].axis_label == "wall clock"
+    assert doc.get_model_by_name("throughput_plot").xaxis[0].axis_label == "wall clock"
     plots.x_select.value = "step"
     assert src.data["x"] == src.data["step"] and fig.xaxis[0].axis_label == "step"
     rep.close()
@@ -100,7 +100,7 @@ def test_a_zoom_in_relative_time_reads_the_rows_of_that_time(tmp_path):
     recs = [{"step": i, "loss": float(i), "t": T0 + 0.5 * i} for i in range(10 * N_OUT)]
     view, doc, rep, c = _session(tmp_path, recs)
     view.plots.x_select.value = "rel"
-    fig = doc.get_model_by_name("loss_plot_log")  # the log copy shares the zoom
+    fig = doc.get_model_by_name("loss_plot")
     fig._trigger_event(RangesUpdate(fig, x0=1000_000, x1=1500_000, y0=1, y1=2))  # 1000 s to 1500 s
     src = doc.get_model_by_name("metrics:trainer")
     assert src.data["step"][0] == 1999.0 and src.data["step"][-1] == 3001.0 and len(src.data["step"]) == 1003
