@@ -38,7 +38,7 @@ def incident_html(summary: dict[str, Any] | None) -> str:
 class IncidentPanel:
     def __init__(self, collector: Any) -> None:
         self.collector = collector
-        self.div = Div(name="incident", css_classes=["keel-incident"], sizing_mode="stretch_width",
+        self.div = Div(disable_math=True, name="incident", css_classes=["keel-incident"], sizing_mode="stretch_width",
                        text=incident_html(None))
         self.div.syncable = False  # the browser never changes it: nothing to send back (like the page's models)
         self._seen = -1

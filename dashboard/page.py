@@ -65,8 +65,8 @@ class SessionView:
         self.c = collector
         cfg = collector.cfg
         self.rollover = cfg.history_points
-        self.header = Div(name="header", css_classes=["keel-header"], sizing_mode="stretch_width")
-        self.errors = Div(name="errors", css_classes=["keel-errors"], sizing_mode="stretch_width")
+        self.header = TextDiv(name="header", css_classes=["keel-header"], sizing_mode="stretch_width")
+        self.errors = TextDiv(name="errors", css_classes=["keel-errors"], sizing_mode="stretch_width")
         self.table_source = ColumnDataSource(dict(collector.rows) or _empty_rows(), name="processes")
         cols = [
             # plain-text cells coloured from a column: no per-cell template to run in the browser
@@ -84,11 +84,11 @@ class SessionView:
         # (its CDSView indices do not change); poke the view so patched cells repaint.
         self.table_source.js_on_change("patching", CustomJS(args={"table": self.table},
                                                             code="table.view.change.emit()"))
-        self.training = Div(name="training", css_classes=["keel-training"], sizing_mode="stretch_width")
+        self.training = TextDiv(name="training", css_classes=["keel-training"], sizing_mode="stretch_width")
         # Which colour is which stream/process: one line of HTML each, rewritten only when a
         # line is added. Bokeh legends drawn on the canvas cost every repaint of every plot.
-        self.training_key = Div(name="training_key", css_classes=["keel-key"], sizing_mode="stretch_width")
-        self.resources_key = Div(name="resources_key", css_classes=["keel-key"], sizing_mode="stretch_width")
+        self.training_key = TextDiv(name="training_key", css_classes=["keel-key"], sizing_mode="stretch_width")
+        self.resources_key = TextDiv(name="resources_key", css_classes=["keel-key"], sizing_mode="stretch_width")
         self._training_keys: list[tuple[str, str]] = []
         self._resource_keys: list[tuple[str, str]] = [("black", "host (RAM % dashed)")]
         self._set(self.resources_key, _key_html(self._resource_keys))
@@ -96,10 +96,10 @@ class SessionView:
         self.cpu = _fig("CPU % (host and processes)", "time", datetime_x=True, name="cpu_plot")
         self.ram = _fig("RSS MiB per process; host RAM % (dashed)", "time", datetime_x=True, name="ram_plot")
         self.gpu = _fig("GPU utilization % (line), memory % (dashed)", "time", datetime_x=True, name="gpu_plot")
-        self.gpu_note = Div(name="gpu_note", css_classes=["keel-gpu-note"], sizing_mode="stretch_width")
-        self.events = Div(name="events", css_classes=["keel-events"], sizing_mode="stretch_width")
-        self.logs = Div(name="logs", css_classes=["keel-logs"], sizing_mode="stretch_width")
-        self.update_error = Div(name="update_error", visible=False)
+        self.gpu_note = TextDiv(name="gpu_note", css_classes=["keel-gpu-note"], sizing_mode="stretch_width")
+        self.events = TextDiv(name="events", css_classes=["keel-events"], sizing_mode="stretch_width")
+        self.logs = TextDiv(name="logs", css_classes=["keel-logs"], sizing_mode="stretch_width")
+        self.update_error = TextDiv(name="update_error", visible=False)
         self._sent: dict[str, int] = {}
         self._event_serial = -1
         self._event_lines: list[str] = []
@@ -124,8 +124,8 @@ class SessionView:
             self.resources_key,
             row(self.cpu, self.ram, column(self.gpu_note, self.gpu, sizing_mode="stretch_width"),
                 sizing_mode="stretch_width"),
-            Div(text="<b>Watchdog events</b>", sizing_mode="stretch_width"), self.events,
-            Div(text="<b>Process logs</b>", sizing_mode="stretch_width"), self.logs, self.update_error,
+            TextDiv(text="<b>Watchdog events</b>", sizing_mode="stretch_width"), self.events,
+            TextDiv(text="<b>Process logs</b>", sizing_mode="stretch_width"), self.logs, self.update_error,
         ]
         self.update()
         for root in self.roots:
@@ -332,6 +332,12 @@ class SessionView:
     def _set(div: Div, text: str) -> None:
         if div.text != text:
             div.text = text
+
+
+def TextDiv(**kw: Any) -> Div:  # noqa: N802 - a Div, as the page's Divs must be
+    """A Div whose text is HTML and nothing else: Bokeh typesets TeX between ``$$`` in a Div by default, and a
+    log line or a reason holding dollar signs must read as written (and the page loads no MathJax: server.py)."""
+    return Div(disable_math=True, **kw)
 
 
 def _line(fig: Any, source: ColumnDataSource, x: str, y: str, color: str, **visuals: Any) -> None:

@@ -65,8 +65,8 @@ class RunsPanel:
             if (v && known && sel.value !== v) sel.value = v"""))
         self.source.selected.on_change("indices", lambda attr, old, new: self._select(new))
         self.baseline.on_change("value", lambda attr, old, new: self._pin(new))
-        self.layout = column(Div(text="<b>Runs</b> (select rows to overlay them on the loss curve)"), self.table,
-                             self.baseline, sizing_mode="stretch_width", name="runs_panel")
+        title = Div(disable_math=True, text="<b>Runs</b> (select rows to overlay them on the loss curve)")
+        self.layout = column(title, self.table, self.baseline, sizing_mode="stretch_width", name="runs_panel")
         # Only what the viewer chooses comes back from the browser (as the page's other models, the
         # rest is never sent back: auto-ranging and table repaints would otherwise echo to the server).
         self.synced = (self.source.selected, self.baseline)

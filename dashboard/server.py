@@ -81,7 +81,29 @@ def build_server(cfg: DashboardConfig, collector: Collector, auth: PasswordAuth 
         kwargs["cookie_secret"] = secrets.token_urlsafe(32)
     server = Server({"/": app}, **kwargs)
     install_on_server(server, origins)
+    trim_page_scripts(server)
     return server
+
+
+# The BokehJS bundles the page needs. A Bokeh server sends every bundle to every page (it cannot know
+# what a document will hold): MathJax alone is 1.8 MB of script, more than BokehJS itself, parsed by
+# every new tab, and WebGL is unused (the page's Divs set disable_math; the plots draw on canvas).
+PAGE_BUNDLES = ("bokeh", "bokeh-widgets", "bokeh-tables")
+
+
+def trim_page_scripts(server: Server) -> None:
+    """Serve the page with PAGE_BUNDLES only: wraps the tornado application's ``resources`` (public, but
+    the application is not: the same checked lookup as the Host check's)."""
+    app = getattr(server, "_tornado", None)
+    if app is None or not callable(getattr(app, "resources", None)):
+        raise RuntimeError("bokeh.server.server.Server has no tornado application with resources() at ._tornado")
+    full = app.resources
+
+    def resources(absolute_url: Any = None) -> Any:
+        res = full(absolute_url)
+        return res.clone(components=[c for c in res.components if c in PAGE_BUNDLES])
+
+    app.resources = resources
 
 
 def close_sessions(server: Server) -> int:

@@ -203,6 +203,10 @@ def test_serves_writes_own_status_and_exits_0_on_sigterm_with_a_session_open(tmp
     # no torch in the running server, not even as a shared library
     maps = Path(f"/proc/{proc.pid}/maps").read_text()
     assert "libtorch" not in maps and "/torch/" not in maps
+    # the page loads the BokehJS bundles it uses and not MathJax (1.8 MB) or WebGL (dashboard.server)
+    html = urllib.request.urlopen(f"http://127.0.0.1:{port}/", timeout=T).read().decode()
+    scripts = set(re.findall(r"static/js/(bokeh[a-z-]*)\.min\.js", html))
+    assert scripts == {"bokeh", "bokeh-widgets", "bokeh-tables"}, scripts
 
     # an open websocket session; SIGTERM must close it and exit 0 promptly
     async def session_then_term() -> tuple[int, float, str | None]:

@@ -81,7 +81,8 @@ def test_a_clean_resume_after_downtime_is_a_restart_with_nothing_lost():
 
 def test_a_resume_record_loses_exactly_the_steps_beyond_the_checkpoint():
     recs = [{"step": i, "loss": 1.0, "t": i} for i in range(1, 101)]
-    recs += [{"event": "resume", "step": 60, "t": 130.0}] + [{"step": i, "loss": 0.5, "t": 70 + i} for i in range(61, 91)]
+    recs += [{"event": "resume", "step": 60, "t": 130.0}]
+    recs += [{"step": i, "loss": 0.5, "t": 70 + i} for i in range(61, 91)]
     rows = _rows(curves.tag_begins(recs))
     live, gone, _ = curves.split(rows, "loss")
     assert sorted(rows["step"][gone]) == list(range(61, 101))  # step 60 was saved: live, not lost

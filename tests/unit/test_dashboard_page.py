@@ -400,3 +400,16 @@ def test_pushes_to_a_session_are_at_least_the_push_gap_apart_and_the_plots_follo
     push()  # long after: at once
     assert doc.calls[-1][0] == "tick" and view.parts == ["text", "plots"] * 2
     c.runner.close()
+
+
+def test_the_page_typesets_no_tex_a_log_line_with_dollars_reads_as_written(run_dir):
+    from bokeh.models import Div
+
+    cfg, _ = run_dir
+    c = Collector(cfg)
+    cycle(c)
+    doc = Document()
+    make_doc(doc, c)
+    divs = [m for m in doc.models if isinstance(m, Div)]
+    assert len(divs) >= 10 and all(d.disable_math for d in divs), [d.name for d in divs if not d.disable_math]
+    c.runner.close()
