@@ -23,8 +23,11 @@ PLOTS_AFTER_S = 0.04
 def pusher(doc: Document, view: Any, clock: Callable[[], float] = time.monotonic) -> Callable[[], None]:
     """A collector listener that runs ``view.update_text`` (a dashboard.page.SessionView) on the session's
     next tick (under its document lock), then ``view.update_plots`` PLOTS_AFTER_S later; at most one
-    pending at a time however far the loop has fallen behind, and at most one per PUSH_GAP_S."""
+    pending at a time however far the loop has fallen behind, and at most one per PUSH_GAP_S. News that
+    comes while one is pending gets one more update after it: dropped, a status written just after the
+    last one went would wait for the next write (a second, measured as a tab lagging 1.06 s)."""
     pending = False
+    again = False  # news came while an update was pending: another is due after it (never dropped)
     last = -PUSH_GAP_S
     spent = 0.0  # this update's server time so far (text, then plots)
 
@@ -37,15 +40,19 @@ def pusher(doc: Document, view: Any, clock: Callable[[], float] = time.monotonic
         doc.add_timeout_callback(plots, int(PLOTS_AFTER_S * 1000))
 
     def plots() -> None:
-        nonlocal pending
-        pending = False
+        nonlocal pending, again
         t0 = time.perf_counter()
         view.update_plots()
         view.c.session_seconds.append(spent + time.perf_counter() - t0)  # in refresh_stats: the bench's session cost
+        pending = False
+        if again:  # a status written while the text had gone and the plots waited: its own update follows
+            again = False
+            push()
 
     def push() -> None:
-        nonlocal pending
+        nonlocal pending, again
         if pending:
+            again = True
             return
         pending = True
         wait = last + PUSH_GAP_S - clock()
