@@ -279,8 +279,9 @@ class TrainingPlots:
         on = rows["serial"] > self._frame_serials[stream]
         step = np.concatenate([f.live_step, rows["step"][on]])
         t = np.concatenate([f.live_t, rows["t"][on]])
-        return [curve_events.Marker(step, "resume", what) for step, what in f.resumes] + curve_events.markers(
-            self._records, stream, step, t, self._processes.get(stream, ()), since=f.t0)
+        # the resumes last, drawn on top: a clean resume sits exactly on its checkpoint's marker
+        return curve_events.markers(self._records, stream, step, t, self._processes.get(stream, ()), since=f.t0) + [
+            curve_events.Marker(step, "resume", what) for step, what in f.resumes]
 
     def _draw_markers(self) -> None:
         # every stream's markers, each on its stream's line in each figure (that figure's y scale), placed

@@ -142,3 +142,17 @@ def test_new_points_are_streamed_onto_the_lines_until_a_whole_redraw_is_due(tmp_
     assert src.data["x"][-1] == (step + TAIL_MAX) * 1000.0
     rep.close()
     c.runner.close()
+
+
+def test_a_clean_resume_is_marked_on_top_of_its_checkpoint(tmp_path):
+    recs = [{"step": i, "loss": 1.0, "t": T0 + i} for i in range(1, 51)]
+    recs += [{"event": "checkpoint", "step": 50, "t": T0 + 50}, {"event": "resume", "step": 50, "t": T0 + 650}]
+    recs += [{"step": i, "loss": 0.9, "t": T0 + 600 + i} for i in range(51, 81)]
+    view, doc, rep, c = _session(tmp_path, recs)
+    marks = doc.get_model_by_name("training_events").data
+    assert marks["kind"] == ["checkpoint", "resume"] and marks["step"] == [50.0, 50.0]  # the restart drawn last
+    assert marks["what"][-1] == "trainer: restart, resumed at step 50 after 10m00s down (no steps lost)"
+    src = doc.get_model_by_name("metrics:trainer").data
+    assert [s for s, y in zip(src["step"], src["y"]) if y != y] == [51.0]  # the line breaks where it was down
+    rep.close()
+    c.runner.close()
