@@ -55,8 +55,8 @@ def classify(rec: Mapping[str, Any]) -> tuple[str, str] | None:
     """(kind, hover text) of a record worth a marker on the curves, or None."""
     if "stream" in rec:  # the trainer's own record, tagged by the collector (it may carry an "action" of its own)
         name = str(rec.get("event"))
-        if name in DRAWN_BY_CURVES:
-            return None
+        if name in DRAWN_BY_CURVES and not rec.get("previous_run_id"):
+            return None  # (a new run that set another run's checkpoints aside is a marker: the curves restart, why)
         kind = "checkpoint" if name.startswith("checkpoint") and "corrupt" not in name else "trainer"
         extra = ", ".join(f"{k}={v}" for k, v in rec.items() if k not in ("event", "t", "stream", "step"))
         return kind, f"trainer: {name}" + (f" ({extra})" if extra else "")

@@ -26,14 +26,15 @@ import numpy as np
 
 from dashboard.downsample import envelope, select
 
-BEGIN = "begin"  # the rows' column that marks where the trainer began: RESUMED or NEW_RUN, else NaN
+BEGIN = "_begin"  # the rows' column where the trainer began: RESUMED or NEW_RUN, else NaN (no metric's name)
 RESUMED, NEW_RUN = 1.0, 2.0
 _BEGIN_OF = {"resume": RESUMED, "new_run": NEW_RUN}  # the trainer's event records (trainer.run, trainer.runs)
 
 
 def tag_begins(records: list[dict]) -> list[dict]:
     """``records`` with ``BEGIN`` set on the trainer's resume and new-run records (the rest as they are)."""
-    return [{**r, BEGIN: _BEGIN_OF[r["event"]]} if r.get("event") in _BEGIN_OF else r for r in records]
+    return [{**r, BEGIN: _BEGIN_OF[r["event"]]} if isinstance(r.get("event"), str) and r["event"] in _BEGIN_OF
+            else r for r in records]
 
 
 def run_start(rows: dict[str, np.ndarray]) -> int:
@@ -55,7 +56,7 @@ def incarnation_starts(step: np.ndarray, begin: np.ndarray | None = None) -> np.
     s = np.asarray(step, dtype=np.float64)
     ok = np.flatnonzero(np.isfinite(s))
     back = ok[1:][s[ok[1:]] < s[ok[:-1]]] if len(ok) else ok
-    marked = np.flatnonzero(np.isfinite(begin)) if begin is not None else back[:0]
+    marked = np.flatnonzero(begin == RESUMED) if begin is not None else back[:0]  # a new run is another run
     return np.unique(np.concatenate([[0], back, marked])).astype(np.int64)
 
 
@@ -73,7 +74,7 @@ def lost_mask(step: np.ndarray, starts: np.ndarray, begin: np.ndarray | None = N
         seg = s[a:b]
         fin = seg[np.isfinite(seg)]
         if len(fin):
-            resumed = begin is not None and np.isfinite(begin[a]) and np.isfinite(s[a])
+            resumed = begin is not None and begin[a] == RESUMED and np.isfinite(s[a])
             # a resume record's step S was saved, not lost: the work lost is beyond it
             cut = min(cut, float(np.nextafter(s[a], math.inf)) if resumed else float(fin[0]))
     return lost
@@ -121,9 +122,13 @@ def split(rows: dict[str, np.ndarray], metric: str, starts: np.ndarray | None = 
     has = np.isfinite(y) & np.isfinite(step)
     live = np.flatnonzero(has & ~lost)
     gone = np.flatnonzero(has & lost)
-    inc = np.searchsorted(starts, live, side="right")  # incarnation number of each live point
-    gaps = live[1:][inc[1:] != inc[:-1]] if len(live) > 1 else live[:0]
-    return live, gone, gaps
+    return live, gone, breaks(live, starts)
+
+
+def breaks(idx: np.ndarray, starts: np.ndarray) -> np.ndarray:
+    """The rows of ``idx`` that begin another incarnation than the row before them: a line breaks there."""
+    inc = np.searchsorted(starts, idx, side="right")  # incarnation number of each row
+    return idx[1:][inc[1:] != inc[:-1]] if len(idx) > 1 else idx[:0]
 
 
 def draw(rows: dict[str, np.ndarray], idx: np.ndarray, metric: str, n_out: int,
@@ -136,6 +141,11 @@ def draw(rows: dict[str, np.ndarray], idx: np.ndarray, metric: str, n_out: int,
     y = rows[metric][idx]
     t = rows["t"][idx] if "t" in rows else np.full(len(idx), math.nan)
     pick = select(step, y, n_out)
+    if gaps is not None and len(gaps):
+        # a break must survive the downsampling: MinMaxLTTB keeps extremes, and the first point after a
+        # restart is rarely one. Keep each gap row and the row before it, so the NaN goes between them.
+        at = np.flatnonzero(np.isin(idx, gaps))
+        pick = np.union1d(pick, np.concatenate([at, at - 1]).clip(0))
     lo, hi = envelope(y, pick)
     out_idx = idx[pick]
     s, tt, yy = step[pick], t[pick], y[pick]
@@ -223,24 +233,28 @@ def frame(rows: dict[str, np.ndarray], stream: str, metrics: tuple[str, ...], n_
         if window is not None:
             live, gone = within(rows, live, window), within(rows, gone, window)
             gaps = gaps[np.isin(gaps, live)]
-        s, g = draw(rows, live, metric, n_out, gaps), draw(rows, gone, metric, n_out)
+        # lost work breaks between dead incarnations too: each is its own stretch, not one line folding back
+        s, g = draw(rows, live, metric, n_out, gaps), draw(rows, gone, metric, n_out, breaks(gone, starts))
         live_cols[metric] = {**s.columns(t0), "run": [stream] * len(s)}
         lost_cols[metric] = {**g.columns(t0), "run": [stream + " (lost work)"] * len(g)}
         if metric == "loss":
             live_step, live_t = rows["step"][live], rows["t"][live]
     begin = rows.get(BEGIN)
-    resumes = [(float(step[a]), resume_text(stream, step, t, int(a), begin is not None and bool(np.isfinite(begin[a]))))
-               for a in starts[1:] if np.isfinite(step[a])]
+    resumes = [(float(step[a]), resume_text(stream, step, t, int(prev), int(a),
+                                            begin is not None and bool(begin[a] == RESUMED)))
+               for prev, a in zip(starts[:-1], starts[1:]) if np.isfinite(step[a])]
     return Frame(live_cols, lost_cols, resumes, live_step, live_t, t0)
 
 
-def resume_text(stream: str, step: np.ndarray, t: np.ndarray, a: int, recorded: bool) -> str:
+def resume_text(stream: str, step: np.ndarray, t: np.ndarray, p: int, a: int, recorded: bool) -> str:
     """The hover text of the restart at row ``a``: where it resumed, how long the trainer was down, what
-    was lost (the dead incarnation's steps beyond the resume step). ``recorded``: row ``a`` is the
-    trainer's resume record (its step is the checkpoint's); else the first row after the step went back."""
+    was lost (the steps of the incarnation that died, rows ``p:a``, beyond the resume step). ``recorded``:
+    row ``a`` is the trainer's resume record (its step is the checkpoint's); else the first row after the
+    step went back."""
     s = float(step[a])
-    prev = step[:a][np.isfinite(step[:a])]
-    before = t[:a][np.isfinite(t[:a])]
+    had = np.isfinite(step[p:a])  # rows with a step: its work (a record written at the restart is not)
+    prev = step[p:a][had]
+    before = t[p:a][had & np.isfinite(t[p:a])]
     down = float(t[a] - before.max()) if len(before) and math.isfinite(t[a]) else math.nan
     text = f"{stream}: restart, resumed at step {s:.0f}" if recorded else f"{stream}: restart, resumed by step {s:.0f}"
     if math.isfinite(down) and down >= 1:

@@ -17,7 +17,7 @@ import numpy as np
 
 from dashboard.downsample import select
 
-FULL_RES_POINTS = 2_000_000  # metric rows kept at full resolution per stream (7 columns: ~110 MB at most)
+FULL_RES_POINTS = 2_000_000  # metric rows kept at full resolution per stream (8 columns: ~130 MB at most)
 
 
 class History:

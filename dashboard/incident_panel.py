@@ -10,10 +10,10 @@ from __future__ import annotations
 from typing import Any
 
 from bokeh.document import Document
-from bokeh.models import Div
 
 from keel.watch.incidents import stuck_words
 
+from dashboard.markup import text_div
 from dashboard.present import esc
 
 MAX_FRAMES = 12
@@ -38,7 +38,7 @@ def incident_html(summary: dict[str, Any] | None) -> str:
 class IncidentPanel:
     def __init__(self, collector: Any) -> None:
         self.collector = collector
-        self.div = Div(disable_math=True, name="incident", css_classes=["keel-incident"], sizing_mode="stretch_width",
+        self.div = text_div(name="incident", css_classes=["keel-incident"], sizing_mode="stretch_width",
                        text=incident_html(None))
         self.div.syncable = False  # the browser never changes it: nothing to send back (like the page's models)
         self._seen = -1

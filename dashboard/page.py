@@ -21,16 +21,15 @@ from bokeh.models import ColumnDataSource, CustomJS, DataTable, Div, Line, Strin
 from bokeh.palettes import Category10_10
 from bokeh.plotting import figure
 
-from keel.status.models import ProcessStatus
-from keel.status.results import ReadError, Stale
-
+from dashboard.markup import text_div
 from dashboard.push import pusher
 from dashboard.training_plots import TrainingPlots
 from dashboard.collector import RESOURCE_COLUMNS, Collector, gpu_column, proc_column
 from dashboard.runs_panel import mount_runs_panel
 from dashboard.incident_panel import mount_incident_panel
 from dashboard.present import (
-    BAD, DEFAULT_HEARTBEAT_TIMEOUT, GREY, OK, ROW_COLUMNS, WARN, badge, esc, fmt_age, fmt_num, training_summary,
+    BAD, DEFAULT_HEARTBEAT_TIMEOUT, GREY, OK, ROW_COLUMNS, WARN, badge, esc, fmt_age, fmt_num, key_html, pre_html,
+    status_kind, training_summary,
 )
 
 log = logging.getLogger("dashboard.page")
@@ -65,8 +64,8 @@ class SessionView:
         self.c = collector
         cfg = collector.cfg
         self.rollover = cfg.history_points
-        self.header = TextDiv(name="header", css_classes=["keel-header"], sizing_mode="stretch_width")
-        self.errors = TextDiv(name="errors", css_classes=["keel-errors"], sizing_mode="stretch_width")
+        self.header = text_div(name="header", css_classes=["keel-header"], sizing_mode="stretch_width")
+        self.errors = text_div(name="errors", css_classes=["keel-errors"], sizing_mode="stretch_width")
         self.table_source = ColumnDataSource(dict(collector.rows) or _empty_rows(), name="processes")
         cols = [
             # plain-text cells coloured from a column: no per-cell template to run in the browser
@@ -84,26 +83,27 @@ class SessionView:
         # (its CDSView indices do not change); poke the view so patched cells repaint.
         self.table_source.js_on_change("patching", CustomJS(args={"table": self.table},
                                                             code="table.view.change.emit()"))
-        self.training = TextDiv(name="training", css_classes=["keel-training"], sizing_mode="stretch_width")
+        self.training = text_div(name="training", css_classes=["keel-training"], sizing_mode="stretch_width")
         # Which colour is which stream/process: one line of HTML each, rewritten only when a
         # line is added. Bokeh legends drawn on the canvas cost every repaint of every plot.
-        self.training_key = TextDiv(name="training_key", css_classes=["keel-key"], sizing_mode="stretch_width")
-        self.resources_key = TextDiv(name="resources_key", css_classes=["keel-key"], sizing_mode="stretch_width")
+        self.training_key = text_div(name="training_key", css_classes=["keel-key"], sizing_mode="stretch_width")
+        self.resources_key = text_div(name="resources_key", css_classes=["keel-key"], sizing_mode="stretch_width")
         self._training_keys: list[tuple[str, str]] = []
         self._resource_keys: list[tuple[str, str]] = [("black", "host (RAM % dashed)")]
-        self._set(self.resources_key, _key_html(self._resource_keys))
+        self._set(self.resources_key, key_html(self._resource_keys))
         self.plots = TrainingPlots()  # the training figures and their reading tools (dashboard.training_plots)
         self.cpu = _fig("CPU % (host and processes)", "time", datetime_x=True, name="cpu_plot")
         self.ram = _fig("RSS MiB per process; host RAM % (dashed)", "time", datetime_x=True, name="ram_plot")
         self.gpu = _fig("GPU utilization % (line), memory % (dashed)", "time", datetime_x=True, name="gpu_plot")
-        self.gpu_note = TextDiv(name="gpu_note", css_classes=["keel-gpu-note"], sizing_mode="stretch_width")
-        self.events = TextDiv(name="events", css_classes=["keel-events"], sizing_mode="stretch_width")
-        self.logs = TextDiv(name="logs", css_classes=["keel-logs"], sizing_mode="stretch_width")
-        self.update_error = TextDiv(name="update_error", visible=False)
+        self.gpu_note = text_div(name="gpu_note", css_classes=["keel-gpu-note"], sizing_mode="stretch_width")
+        self.events = text_div(name="events", css_classes=["keel-events"], sizing_mode="stretch_width")
+        self.logs = text_div(name="logs", css_classes=["keel-logs"], sizing_mode="stretch_width")
+        self.update_error = text_div(name="update_error", visible=False)
         self._sent: dict[str, int] = {}
         self._event_serial = -1
         self._event_lines: list[str] = []
         self._generation = self._plots_generation = -1  # the collector generation each part last drew
+        self._failed: dict[str, str] = {}  # update part -> why it failed (shown until it succeeds again)
         # Host, process and GPU lines all read this one source (one row per sample).
         self.resources_source = ColumnDataSource(collector.resources.data(RESOURCE_COLUMNS),
                                                  name="resources")
@@ -124,8 +124,8 @@ class SessionView:
             self.resources_key,
             row(self.cpu, self.ram, column(self.gpu_note, self.gpu, sizing_mode="stretch_width"),
                 sizing_mode="stretch_width"),
-            TextDiv(text="<b>Watchdog events</b>", sizing_mode="stretch_width"), self.events,
-            TextDiv(text="<b>Process logs</b>", sizing_mode="stretch_width"), self.logs, self.update_error,
+            text_div(text="<b>Watchdog events</b>", sizing_mode="stretch_width"), self.events,
+            text_div(text="<b>Process logs</b>", sizing_mode="stretch_width"), self.logs, self.update_error,
         ]
         self.update()
         for root in self.roots:
@@ -171,7 +171,7 @@ class SessionView:
             _line(self.gpu, src, "t", gpu_column("util", index), color)
             _line(self.gpu, src, "t", gpu_column("mem_pct", index), color, line_dash="dashed")
             self._resource_keys.append((color, label))
-        self._set(self.resources_key, _key_html(self._resource_keys))
+        self._set(self.resources_key, key_html(self._resource_keys))
 
     # ----------------------------------------------------------------- update
 
@@ -182,21 +182,26 @@ class SessionView:
 
     def update_text(self) -> None:
         """The header, table and text panels (what a person reads: the step, the verdicts); never raises."""
-        self._guarded(self._update_text)
+        self._guarded("text", self._update_text)
 
     def update_plots(self) -> None:
         """The training lines, their markers, and the resource lines; never raises."""
-        self._guarded(self._update_plots)
+        self._guarded("plots", self._update_plots)
 
-    def _guarded(self, part: Any) -> None:
+    def _guarded(self, name: str, part: Any) -> None:
+        """Run one part of the update; its failure is shown until that part succeeds again (the other
+        part succeeding says nothing about it)."""
         try:
             part()
-            if self.update_error.visible:
-                self.update_error.visible = False
+            self._failed.pop(name, None)
         except Exception as exc:  # noqa: BLE001 - keep the page alive and say what broke
             log.exception("session update failed")
-            self.update_error.text = badge(f"page update failed: {type(exc).__name__}: {exc}", BAD)
-            self.update_error.visible = True
+            self._failed[name] = f"page update failed: {type(exc).__name__}: {exc}"
+        text = " ".join(badge(why, BAD) for _, why in sorted(self._failed.items()))
+        if self.update_error.text != text:
+            self.update_error.text = text
+        if self.update_error.visible != bool(text):
+            self.update_error.visible = bool(text)
 
     def _connected(self) -> bool:
         """False once the browser's websocket is gone: Bokeh keeps the session a while, but
@@ -227,24 +232,24 @@ class SessionView:
         if new_events:
             self._event_serial = new_events[-1][0]
             self._event_lines = (self._event_lines + [line for _, line in new_events])[-50:]
-        self._set(self.events, _pre(list(reversed(self._event_lines))) if self._event_lines
+        self._set(self.events, pre_html(list(reversed(self._event_lines))) if self._event_lines
                   else f"<i style='color:{GREY}'>no watchdog events yet</i>")
         self._set(self.logs, self._derived("logs", lambda: "".join(
-            f"<div><b>{esc(name)}</b>{_pre(lines)}</div>" for name, lines in sorted(c.logs.items())
+            f"<div><b>{esc(name)}</b>{pre_html(lines)}</div>" for name, lines in sorted(c.logs.items())
         ) or f"<i style='color:{GREY}'>no log files configured (no stack file?)</i>"))
 
     def _update_plots(self) -> None:
         c = self.c
         if not self._connected() or c.generation == self._plots_generation:
             return
-        self._plots_generation = c.generation
         streams = sorted(c.metrics)[:MAX_PLOTTED]
         writers = {s: tuple(p.name for p in c.cfg.processes if s in p.status_names) for s in streams}
         if self.plots.update(c.metrics, streams, c.event_records, writers, c.frame) and \
                 len(streams) != len(self._training_keys):
             self._training_keys = [(Category10_10[i % 10], n) for i, n in enumerate(streams)]
-            self._set(self.training_key, _key_html(self._training_keys))
+            self._set(self.training_key, key_html(self._training_keys))
         self._update_resources()
+        self._plots_generation = c.generation  # after: a part that failed is drawn again at the next push
 
     def _derived(self, key: str, make: Any) -> str:
         """Text shared by all sessions for this collector generation."""
@@ -312,7 +317,7 @@ class SessionView:
 
     def _training_html(self) -> str:
         c = self.c
-        names = sorted({n for n, r in c.statuses.items() if _kind(r) == "trainer"}
+        names = sorted({n for n, r in c.statuses.items() if status_kind(r) == "trainer"}
                        | {n for p in c.cfg.processes if p.kind == "trainer" for n in p.status_names})
         if not names:
             return f"<i style='color:{GREY}'>no trainer status yet</i>"
@@ -334,22 +339,11 @@ class SessionView:
             div.text = text
 
 
-def TextDiv(**kw: Any) -> Div:  # noqa: N802 - a Div, as the page's Divs must be
-    """A Div whose text is HTML and nothing else: Bokeh typesets TeX between ``$$`` in a Div by default, and a
-    log line or a reason holding dollar signs must read as written (and the page loads no MathJax: server.py)."""
-    return Div(disable_math=True, **kw)
-
-
 def _line(fig: Any, source: ColumnDataSource, x: str, y: str, color: str, **visuals: Any) -> None:
     """A line without the non-selection and muted copies of its glyph that ``figure.line`` adds:
     nothing here selects or mutes, and every model costs each message a pass over the document.
     Not synced back, like the rest of the page (see ``_unsynced``)."""
     fig.add_glyph(source, Line(x=x, y=y, line_color=color, syncable=False, **visuals), syncable=False)
-
-
-def _key_html(keys: list[tuple[str, str]]) -> str:
-    return " ".join(f"<span style='color:{color};white-space:nowrap'>&#9473;&#9473; {esc(label)}</span>"
-                    for color, label in keys)
 
 
 def _unsynced(root: Any, keep: tuple[Any, ...] = ()) -> None:
@@ -358,16 +352,6 @@ def _unsynced(root: Any, keep: tuple[Any, ...] = ()) -> None:
     streamed point."""
     for model in root.references():
         model.syncable = model in keep
-
-
-def _kind(r: ProcessStatus | ReadError | None) -> str | None:
-    s = r.status if isinstance(r, Stale) else r
-    return s.kind if isinstance(s, ProcessStatus) else None
-
-
-def _pre(lines: list[str]) -> str:
-    body = "\n".join(esc(x) for x in lines)
-    return f"<pre style='font-size:85%;max-height:260px;overflow:auto;margin:2px 0'>{body}</pre>"
 
 
 def _empty_rows() -> dict[str, list]:

@@ -261,3 +261,20 @@ def event_line(rec: Mapping[str, Any]) -> str:
     parts = [p for p in (ts[11:19] if len(ts) >= 19 else ts, str(level), str(what), str(proc), str(msg)) if p]
     return " ".join(parts)[:400]
 
+
+def key_html(keys: list[tuple[str, str]]) -> str:
+    """Which colour is which line: one line of HTML (a canvas legend costs every repaint of the plot)."""
+    return " ".join(f"<span style='color:{color};white-space:nowrap'>&#9473;&#9473; {esc(label)}</span>"
+                    for color, label in keys)
+
+
+def pre_html(lines: list[str]) -> str:
+    """Lines as a scrolling preformatted block, escaped."""
+    body = "\n".join(esc(x) for x in lines)
+    return f"<pre style='font-size:85%;max-height:260px;overflow:auto;margin:2px 0'>{body}</pre>"
+
+
+def status_kind(r: ProcessStatus | ReadError | None) -> str | None:
+    """The kind of process a status read is of (a stale one's too), None for an error or nothing."""
+    s = r.status if isinstance(r, Stale) else r
+    return s.kind if isinstance(s, ProcessStatus) else None

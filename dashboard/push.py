@@ -32,8 +32,8 @@ def pusher(doc: Document, view: Any, clock: Callable[[], float] = time.monotonic
     spent = 0.0  # this update's server time so far (text, then plots)
 
     def run() -> None:
-        nonlocal last, spent
-        last = clock()
+        nonlocal last, spent, again
+        last, again = clock(), False  # news that came while this waited out the gap is in this update
         t0 = time.perf_counter()
         view.update_text()
         spent = time.perf_counter() - t0

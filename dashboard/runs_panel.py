@@ -23,9 +23,11 @@ from typing import Any
 
 from bokeh.document import Document
 from bokeh.layouts import column
-from bokeh.models import ColumnDataSource, CustomJS, DataTable, Div, Select, TableColumn
+from bokeh.models import ColumnDataSource, CustomJS, DataTable, Select, TableColumn
 
 from keel.status.runs import RUN_COLUMNS, RunSummary, run_row
+
+from dashboard.markup import text_div
 
 log = logging.getLogger("dashboard.runs")
 
@@ -65,7 +67,7 @@ class RunsPanel:
             if (v && known && sel.value !== v) sel.value = v"""))
         self.source.selected.on_change("indices", lambda attr, old, new: self._select(new))
         self.baseline.on_change("value", lambda attr, old, new: self._pin(new))
-        title = Div(disable_math=True, text="<b>Runs</b> (select rows to overlay them on the loss curve)")
+        title = text_div(text="<b>Runs</b> (select rows to overlay them on the loss curve)")
         self.layout = column(title, self.table, self.baseline, sizing_mode="stretch_width", name="runs_panel")
         # Only what the viewer chooses comes back from the browser (as the page's other models, the
         # rest is never sent back: auto-ranging and table repaints would otherwise echo to the server).

@@ -1,4 +1,4 @@
-"""The training plots' x axis: the step, the time since the stream's first record, or the wall clock.
+"""The training plots' x axis: the step, the time since the (latest) run's first record, or the wall clock.
 
 Every drawn source carries all three (dashboard.curves.Series.columns: ``step``, ``rel`` and ``t``,
 both times in ms); ``x`` is a copy of the chosen one, so switching the axis resends the same points

@@ -110,3 +110,31 @@ def test_a_new_run_in_the_same_file_starts_the_curves_afresh():
     assert marks == []
     assert not curves.appends_only(rows, len(rows["step"]) - 51)  # rows holding a new run: a whole redraw
     assert curves.appends_only(rows, len(rows["step"]) - 50)
+
+
+def test_a_break_survives_the_downsampling_of_a_long_line():
+    # MinMaxLTTB keeps extremes; the first point after a restart is rarely one, yet the line must break there
+    n = 20_000
+    recs = [{"step": i, "loss": 1.0 + 0.01 * ((i * 7919) % 13), "t": float(i)} for i in range(1, n + 1)]
+    recs += [{"event": "resume", "step": n, "t": n + 3600.0}]
+    recs += [{"step": i, "loss": 1.0 + 0.01 * ((i * 7919) % 13), "t": 3600.0 + i} for i in range(n + 1, 2 * n)]
+    rows = _rows(curves.tag_begins(recs))
+    f = curves.frame(rows, "trainer", ("loss",), 2000)
+    y, step = np.array(f.live["loss"]["y"]), np.array(f.live["loss"]["step"])
+    assert len(y) <= 2010 and int(np.isnan(y).sum()) == 1  # one break, kept through the downsampling
+    at = int(np.flatnonzero(np.isnan(y))[0])
+    assert step[at - 1] == n and step[at + 1] == n + 1  # between the last step before and the first after
+
+
+def test_each_restart_counts_only_the_work_of_the_incarnation_that_died():
+    recs = [{"step": i, "loss": 1.0, "t": float(i)} for i in range(1, 1001)]
+    recs += [{"event": "resume", "step": 500, "t": 1100.0}]
+    recs += [{"step": i, "loss": 1.0, "t": 600.0 + i} for i in range(501, 701)]
+    recs += [{"event": "checkpoint_corrupt", "t": 1400.0}]  # written at the second start, before its resume record
+    recs += [{"event": "resume", "step": 600, "t": 1400.0}]
+    recs += [{"step": i, "loss": 1.0, "t": 800.0 + i} for i in range(601, 651)]
+    rows = _rows(curves.tag_begins(recs))
+    (_, first), (_, second) = curves.frame(rows, "trainer", ("loss",), 5000).resumes
+    assert first == "trainer: restart, resumed at step 500 after 1m40s down (steps 501-1000 lost)"
+    # 701-1000 were lost at the first restart already; the downtime is from the last step, not the corrupt record
+    assert second == "trainer: restart, resumed at step 600 after 1m40s down (steps 601-700 lost)"

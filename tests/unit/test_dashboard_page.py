@@ -414,3 +414,27 @@ def test_the_page_typesets_no_tex_a_log_line_with_dollars_reads_as_written(run_d
     divs = [m for m in doc.models if isinstance(m, Div)]
     assert len(divs) >= 10 and all(d.disable_math for d in divs), [d.name for d in divs if not d.disable_math]
     c.runner.close()
+
+
+def test_a_failing_part_of_the_update_stays_shown_until_it_succeeds(run_dir):
+    cfg, _ = run_dir
+    c = Collector(cfg)
+    cycle(c)
+    view = make_doc(Document(), c)
+    real = view.plots.update
+
+    def broken(*a, **kw):
+        raise RuntimeError("no lines today")
+
+    view.plots.update = broken
+    c.generation += 1
+    view.update_text()
+    view.update_plots()
+    assert view.update_error.visible and "no lines today" in view.update_error.text
+    c.generation += 1
+    view.update_text()  # the text part succeeding says nothing about the plots
+    assert view.update_error.visible and "no lines today" in view.update_error.text
+    view.plots.update = real
+    view.update_plots()  # the failed generation is drawn again, and the badge goes
+    assert not view.update_error.visible and view.update_error.text == ""
+    c.runner.close()
