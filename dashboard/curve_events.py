@@ -19,11 +19,13 @@ from typing import Any, NamedTuple
 
 import numpy as np
 
+from dashboard import curves
+
 RESTARTS = {"restart", "start", "restart_failed", "start_failed"}
 WARN_LEVELS = {"degraded", "unhealthy"}
 # The trainer's records the curves draw themselves (dashboard.curves: a resume is a restart marker with
 # what was lost, a new run starts the curves afresh): not markers of their own as well.
-DRAWN_BY_CURVES = {"resume", "new_run"}
+DRAWN_BY_CURVES = curves.BEGIN_EVENTS
 # A record up to this long before the run's first row is still the run's (the watchdog's start of it
 # comes before the trainer's first record: a restart back-off, the interpreter and model start-up).
 LEAD_S = 120.0

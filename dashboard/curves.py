@@ -24,11 +24,14 @@ from dataclasses import dataclass
 
 import numpy as np
 
+from keel.status.runs import NEW_RUN_EVENT, RESUME_EVENT
+
 from dashboard.downsample import envelope, select
 
 BEGIN = "_begin"  # the rows' column where the trainer began: RESUMED or NEW_RUN, else NaN (no metric's name)
 RESUMED, NEW_RUN = 1.0, 2.0
-_BEGIN_OF = {"resume": RESUMED, "new_run": NEW_RUN}  # the trainer's event records (trainer.run, trainer.runs)
+_BEGIN_OF = {RESUME_EVENT: RESUMED, NEW_RUN_EVENT: NEW_RUN}  # the trainer's records of where it began
+BEGIN_EVENTS = frozenset(_BEGIN_OF)  # the event records the curves draw themselves
 
 
 def tag_begins(records: list[dict]) -> list[dict]:
@@ -172,7 +175,9 @@ def within(rows: dict[str, np.ndarray], idx: np.ndarray, window: tuple[str, floa
 
 
 def covers(rows: dict[str, np.ndarray], window: tuple[str, float, float]) -> bool:
-    """True when ``window`` holds every row of the stream (a reset view, padded): nothing to zoom into."""
+    """True when ``window`` holds every row of the stream's latest run (a reset view, padded): nothing to
+    zoom into."""
+    rows = latest_run(rows)
     col, lo, hi = window
     v = rows[col][np.isfinite(rows[col])]
     return not len(v) or (lo <= float(v.min()) and hi >= float(v.max()))

@@ -236,7 +236,7 @@ class TrainingPlots:
             f = shared
             if key in self.zoom:
                 win = xaxis.window(self.x_mode, *self.zoom[key], shared.t0)
-                if not curves.covers(curves.latest_run(rows), win):
+                if not curves.covers(rows, win):
                     f = curves.frame(rows, stream, METRICS_OF[key], N_OUT, window=win)
             for metric in METRICS_OF[key]:
                 self.sources[f"{stream}/{metric}"].data = xaxis.with_x(f.live[metric], self.x_mode)

@@ -38,7 +38,7 @@ from pathlib import Path
 from typing import Any, Callable, Mapping
 
 from keel.status import runs as archive_files
-from keel.status.runs import RunSummary, Tally
+from keel.status.runs import NEW_RUN_EVENT, RESUME_EVENT, RunSummary, Tally
 
 BUILTIN_ENTRY = "trainer.job:main"
 DIGEST_KEYS = ("entry", "params", "seed")
@@ -253,11 +253,11 @@ class RunLedger:
         if early:
             self._safely(lambda a: a.append(early))
         if resumed:
-            run.record("resume", step=step, run_id=run_id)
+            run.record(RESUME_EVENT, step=step, run_id=run_id)
         elif warn:
-            run.event("new_run", level=logging.WARNING, step=step, run_id=run_id, **why)
+            run.event(NEW_RUN_EVENT, level=logging.WARNING, step=step, run_id=run_id, **why)
         else:
-            run.record("new_run", step=step, run_id=run_id, **why)
+            run.record(NEW_RUN_EVENT, step=step, run_id=run_id, **why)
 
     def _safely(self, action: Callable[[RunArchive], None]) -> None:
         if self.archive is None:

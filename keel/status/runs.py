@@ -30,6 +30,11 @@ from keel.fs.osops import OS, write_all
 from keel.status.jsonl import encode_record
 from keel.status.paths import FILE_MODE, RUNS_DIR
 
+# The trainer's records of where a run began, in its metrics stream and so its archive (trainer/runs.py
+# writes them; read_metrics here and dashboard.curves read them).
+RESUME_EVENT = "resume"  # {"event": "resume", "run_id", "step": S}: the checkpoint of step S was loaded
+NEW_RUN_EVENT = "new_run"  # {"event": "new_run", "run_id", "step": 0, "reason", ...}: a run began afresh
+
 SUMMARY_FILE = "run.json"
 METRICS_FILE = "metrics.jsonl"
 SUMMARY_FORMAT = 1
@@ -187,7 +192,7 @@ def read_metrics(root: Path, run_id: str) -> list[dict]:
             continue  # a torn last line (killed mid-write)
         if not isinstance(record, dict):
             continue
-        if record.get("event") == "resume" and isinstance(record.get("step"), int):
+        if record.get("event") == RESUME_EVENT and isinstance(record.get("step"), int):
             resumed_at = record["step"]
             out = [r for r in out if not (isinstance(r.get("step"), int) and r["step"] > resumed_at)]
         out.append(record)

@@ -403,24 +403,25 @@ def test_pushes_to_a_session_are_at_least_the_push_gap_apart_and_the_plots_follo
     c.runner.close()
 
 
-def test_the_page_typesets_no_tex_a_log_line_with_dollars_reads_as_written(run_dir):
-    from bokeh.models import Div
-
+def _view(run_dir):
+    """A session's page over the run dir's collector, after one read cycle."""
     cfg, _ = run_dir
     c = Collector(cfg)
     cycle(c)
-    doc = Document()
-    make_doc(doc, c)
-    divs = [m for m in doc.models if isinstance(m, Div)]
+    return make_doc(Document(), c), c
+
+
+def test_the_page_typesets_no_tex_a_log_line_with_dollars_reads_as_written(run_dir):
+    from bokeh.models import Div
+
+    view, c = _view(run_dir)
+    divs = [m for m in view.doc.models if isinstance(m, Div)]
     assert len(divs) >= 10 and all(d.disable_math for d in divs), [d.name for d in divs if not d.disable_math]
     c.runner.close()
 
 
 def test_a_failing_part_of_the_update_stays_shown_until_it_succeeds(run_dir):
-    cfg, _ = run_dir
-    c = Collector(cfg)
-    cycle(c)
-    view = make_doc(Document(), c)
+    view, c = _view(run_dir)
     real = view.plots.update
 
     def broken(*a, **kw):
