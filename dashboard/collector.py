@@ -1,6 +1,6 @@
 """The one reader per server process: polls the run dir and keeps a bounded history.
 
-Every ``refresh`` seconds (the run dir's files also within ~0.05 s of a change: dashboard.watcher)
+Every ``refresh`` seconds (the run dir's files also on a change: dashboard.watcher)
 the collector runs its blocking reads (status scan,
 metrics and events tails, resource sampling, log tails, its own status write)
 through ``dashboard.aio.BlockingRunner``, off the event loop and with a timeout each.
@@ -29,7 +29,7 @@ from dashboard.config import DashboardConfig
 from dashboard.history import FULL_RES_POINTS, History
 from dashboard.rundir import RunDirReader
 from dashboard.present import Verdict, error_label, event_line, overall, process_rows
-from dashboard.watcher import Cycle, Pacer, RunDirWatcher, kept_errors, nothing, wait_any
+from dashboard.watcher import Cycle, Pacer, RunDirWatch, RunDirWatcher, kept_errors, nothing, wait_any
 from keel.watch.verdicts import BY_WATCHDOG, ProcessHealth, health_from_files
 
 log = logging.getLogger("dashboard.collector")
@@ -70,6 +70,7 @@ class Collector:
         reporter_factory: Callable[[], Any] | None = None,
         mono: Callable[[], float] = time.monotonic,
         wall: Callable[[], datetime] = _utc_now,
+        use_inotify: bool = True,
     ) -> None:
         self.cfg = cfg
         self.reader = reader or RunDirReader(cfg)
@@ -127,7 +128,9 @@ class Collector:
         # generation by the first session that needs it, not once per session.
         self.derived: dict[str, Any] = {}
         self._listeners: list[Callable[[], None]] = []
-        self.watcher = RunDirWatcher(cfg.run_dir, cfg.name)
+        self.watcher = RunDirWatcher(cfg.run_dir, cfg.name)  # the stat poll, where inotify cannot see
+        self.use_inotify = use_inotify
+        self.watch: RunDirWatch | None = None  # how the run dir's changes reach us (dashboard.watcher)
 
     def subscribe(self, listener: Callable[[], None]) -> Callable[[], None]:
         """Call ``listener`` (on the loop) after every cycle; returns the unsubscribe function."""
@@ -153,9 +156,11 @@ class Collector:
         self.tasks.spawn(self._run(), name="dashboard-collector")
 
     async def _run(self) -> None:
-        # A stat poll every ~0.05 s wakes us; the run dir is read on a change, everything every refresh.
-        pacer, wake, loop = Pacer(self.cfg.refresh), asyncio.Event(), asyncio.get_running_loop()
-        stop_watch = self.watcher.start_thread(lambda: loop.call_soon_threadsafe(wake.set))
+        # A change in the run dir wakes us (inotify, or a stat poll): the run dir is read then, everything every
+        # refresh.
+        pacer, wake = Pacer(self.cfg.refresh), asyncio.Event()
+        self.watch = watch = RunDirWatch(self.watcher, asyncio.get_running_loop(), wake.set, self.use_inotify)
+        log.info("watching the run dir %s by %s", self.cfg.run_dir, watch.how, extra={"event": "run_dir_watch"})
         try:
             while not self._stop.is_set():
                 kind = pacer.due(now := self._mono(), wake.is_set())
@@ -169,7 +174,7 @@ class Collector:
                         self.errors["collector"] = f"{type(exc).__name__}: {exc}"
                 await wait_any(wake, self._stop, pacer.until_full(self._mono()))
         finally:
-            stop_watch.set()
+            watch.stop()
 
     async def stop(self) -> None:
         """Stop polling, write state=stopped, release the reader."""

@@ -1,22 +1,23 @@
-"""When the collector reads: on a change in the run dir (a stat poll), and at ``refresh`` for the rest.
+"""When the collector reads: on a change in the run dir, and at ``refresh`` for the rest.
 
 A status or metrics write must reach the page within 0.3 s, but the collector's
 full cycle (status scan, tails, host/process/GPU sampling, log tails, its own
-status write) every 0.1 s would cost idle CPU for nothing. So the loop polls the
-run dir's directory entries every ``POLL_S`` (one ``scandir`` and an ``lstat`` per
-entry: microseconds a file) and runs a ``FILES`` cycle (status scan, metrics and events
-tails) only when a stamp changed; the ``FULL`` cycle still runs every ``refresh``.
+status write) every 0.1 s would cost idle CPU for nothing. So the collector is
+woken by a change in the run dir and runs a ``FILES`` cycle (status scan, metrics
+and events tails) then; the ``FULL`` cycle still runs every ``refresh``.
 
-Why a stat poll and not inotify (watchfiles 1.2, a Rust extension, is installable
-here): a run dir on NFS gets no inotify events for writes made by another host
-(keel's status files carry a ``host`` for exactly that case), and the poll needs no
-new native dependency. It runs in its own thread and wakes the event loop only on a
-change; its cost is measured in docs/dashboard.md ("Freshness").
+A change comes from the kernel (dashboard.inotify: a descriptor on the event loop,
+nothing runs while nothing changes) where it can: a run dir on a local filesystem.
+On a network filesystem (NFS, ...), which gets no inotify event for another host's
+write, or where inotify cannot watch it, a thread stat-polls the run dir's entries
+every ``POLL_S`` instead (``RunDirWatcher``: one ``scandir`` and an ``lstat`` per
+entry). ``watch_run_dir`` picks one and says which, and why.
 
-Stamps are (name, inode, size, mtime_ns): a status snapshot is replaced by rename
-(new inode), a metrics or events log grows (new size). Not watched: write temps
-(dot names), writers' lock files (flock does not touch them), and the dashboard's own
-status file, which it rewrites every cycle (else every cycle would trigger the next).
+The poll's stamps are (name, inode, size, mtime_ns): a status snapshot is replaced by
+rename (new inode), a metrics or events log grows (new size). Not watched, by either:
+write temps (dot names), writers' lock files (flock does not touch them), and the
+dashboard's own status file, which it rewrites every cycle (else every cycle would
+trigger the next): ``ignored``.
 """
 
 from __future__ import annotations
@@ -31,9 +32,11 @@ from typing import Callable, Iterator
 
 from keel.status.paths import LOCK_SUFFIX, STATUS_SUFFIX
 
+from dashboard.inotify import InotifyWatch, remote_fs
+
 log = logging.getLogger("dashboard.watcher")
 
-POLL_S = 0.05  # the stat poll's period: worst case 0.05 s of the 0.3 s budget (~0.1 % of a core idle)
+POLL_S = 0.05  # the stat poll's period: worst case 0.05 s of the 0.3 s budget (~0.6 % of a core idle: the wakes)
 # A run dir of many files (a 256-rank torchrun: ~1.6 ms a poll) is polled less often, so the
 # poll never costs more than 1/POLL_BUDGET of a core: freshness then degrades, idle CPU does not.
 POLL_BUDGET = 200
@@ -61,6 +64,11 @@ FULL_ONLY_ERRORS = ("resources", "logs", "own status")
 QUIET_SKIPS_ERRORS = ("resources",)
 
 
+def ignored(name: str, own: frozenset[str] = frozenset()) -> bool:
+    """Is a run dir entry's change no news (a write temp, a lock file, the dashboard's own status: ``own``)?"""
+    return name.startswith(".") or name.endswith(LOCK_SUFFIX) or name in own
+
+
 def run_dir_signature(run_dir: str, ignore: frozenset[str] = frozenset(),
                       scandir: Callable[[str], Iterator[os.DirEntry]] = os.scandir) -> Signature:
     """The stamps of the watched files of ``run_dir``, sorted; None if the dir cannot be listed."""
@@ -72,7 +80,7 @@ def run_dir_signature(run_dir: str, ignore: frozenset[str] = frozenset(),
     with entries as it:  # type: ignore[attr-defined]
         for e in it:
             name = e.name
-            if name.startswith(".") or name.endswith(LOCK_SUFFIX) or name in ignore:
+            if ignored(name, ignore):
                 continue
             try:
                 st = e.stat(follow_symlinks=False)
@@ -134,6 +142,63 @@ class RunDirWatcher:
 
 
 _NEVER = object()
+
+
+class RunDirWatch:
+    """Calls ``on_change`` on ``loop`` after each change in ``poll``'s run dir: from inotify (dashboard.inotify)
+    on a local filesystem, else from ``poll``'s thread (a network filesystem, a run dir inotify cannot watch,
+    ``use_inotify`` False). ``how`` says which, and why; ``stop()`` ends it. A run dir whose watch ends (removed,
+    moved, unmounted) is polled from then on: the poll sees it come back."""
+
+    def __init__(self, poll: RunDirWatcher, loop: asyncio.AbstractEventLoop, on_change: Callable[[], None],
+                 use_inotify: bool = True) -> None:
+        self._poll, self._loop, self._on_change = poll, loop, on_change
+        self.inotify: InotifyWatch | None = None
+        self._stop_poll: threading.Event | None = None
+        if not use_inotify:
+            self._start_poll("inotify not asked for")
+            return
+        try:
+            fs = remote_fs(poll.run_dir)
+            if fs is None:
+                self.inotify = InotifyWatch(poll.run_dir, lambda name: ignored(name, poll.ignore))
+        except OSError as exc:
+            self._start_poll(f"inotify cannot watch it: {exc}")
+            return
+        if self.inotify is None:
+            self._start_poll(f"on {fs}, inotify misses other hosts' writes")
+            return
+        loop.add_reader(self.inotify.fileno(), self._readable)
+        self.how = "inotify"
+
+    def _start_poll(self, why: str) -> None:
+        self._stop_poll = self._poll.start_thread(lambda: self._loop.call_soon_threadsafe(self._on_change))
+        self.how = f"a stat poll every {POLL_S:g} s ({why})"
+
+    def _readable(self) -> None:
+        w = self.inotify
+        try:
+            hit = w.read()
+        except OSError:  # never seen; were it to happen, a read of the run dir is the safe answer
+            log.exception("reading the run dir's inotify events failed")
+            hit = True
+        if w.gone:
+            self._close_inotify()
+            self._start_poll("its inotify watch ended: the run dir was removed, moved or unmounted")
+            log.warning("run dir %s: %s", self._poll.run_dir, self.how, extra={"event": "run_dir_watch"})
+        if hit:
+            self._on_change()
+
+    def _close_inotify(self) -> None:
+        if self.inotify is not None:
+            self._loop.remove_reader(self.inotify.fileno())
+            self.inotify.close()
+            self.inotify = None
+
+    def stop(self) -> None:
+        self._close_inotify()
+        if self._stop_poll is not None:
+            self._stop_poll.set()
 
 
 class Pacer:

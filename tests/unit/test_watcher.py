@@ -1,14 +1,19 @@
-"""dashboard.watcher: the run dir's stat poll, the cycle pacing, and the collector loop that uses them."""
+"""dashboard.watcher and dashboard.inotify: the run dir's inotify watch and stat poll, the cycle pacing, and the
+collector loop that uses them."""
 
 from __future__ import annotations
 
 import asyncio
 import os
+import shutil
 import time
+
+import pytest
 
 from keel.status.models import State
 from keel.status.reporter import ProcessReporter
 
+from dashboard import inotify, watcher
 from dashboard.collector import Collector
 from dashboard.watcher import POLL_S, QUIET_AFTER_S, QUIET_SAMPLE_EVERY, Cycle, Pacer, RunDirWatcher, kept_errors, run_dir_signature
 from tests.unit.test_dashboard_page import make_cfg
@@ -93,11 +98,11 @@ def test_a_files_cycle_keeps_the_errors_of_reads_it_does_not_make():
     assert kept_errors(prev, Cycle.FULL) == {}
 
 
-def _run_loop(cfg, body):
+def _run_loop(cfg, body, use_inotify=True):
     """Start a real collector loop on a fresh event loop, run ``body(collector)`` (a coroutine), stop it."""
 
     async def main():
-        c = Collector(cfg)
+        c = Collector(cfg, use_inotify=use_inotify)
         c.start()
         try:
             return await body(c)
@@ -120,7 +125,8 @@ def _step(c: Collector) -> int | None:
     return getattr(payload, "step", None)
 
 
-def test_a_write_in_the_run_dir_is_read_without_waiting_for_the_refresh(tmp_path):
+@pytest.mark.parametrize("use_inotify", [True, False], ids=["inotify", "poll"])
+def test_a_write_in_the_run_dir_is_read_without_waiting_for_the_refresh(tmp_path, use_inotify):
     cfg = make_cfg(tmp_path, refresh=30.0)  # a full cycle every 30 s: only a change can explain a new read
     rep = ProcessReporter(cfg.run_dir, "trainer", "trainer", heartbeat_interval=3600)
     rep.start({"run_id": "unit"})
@@ -129,6 +135,7 @@ def test_a_write_in_the_run_dir_is_read_without_waiting_for_the_refresh(tmp_path
     try:
         async def body(c: Collector):
             await _until(lambda: c.cycles >= 1 and _step(c) == 1, "the first (full) cycle, applied")
+            assert c.watch.how == "inotify" if use_inotify else c.watch.how.startswith("a stat poll")
             notified = []
             c.subscribe(lambda: notified.append(_step(c)))
             samples = len(c.resources)  # a full cycle samples resources; a files-only cycle does not
@@ -138,7 +145,7 @@ def test_a_write_in_the_run_dir_is_read_without_waiting_for_the_refresh(tmp_path
             await _until(lambda: 2 in notified, "the sessions notified")
             return len(c.resources) - samples, c.metrics["trainer"].latest("loss")
 
-        full_cycles, loss = _run_loop(cfg, body)
+        full_cycles, loss = _run_loop(cfg, body, use_inotify)
         assert full_cycles == 0 and loss == 0.5  # read by a files-only cycle, not the next full one (30 s on)
     finally:
         rep.close()
@@ -159,7 +166,7 @@ def test_an_unchanged_run_dir_is_polled_but_not_read(tmp_path):
             await _until(lambda: c.watcher.polls >= polls + 10, "ten more polls")
             return cycles, c.cycles
 
-        before, after = _run_loop(cfg, body)
+        before, after = _run_loop(cfg, body, use_inotify=False)
         assert before >= 1 and after == before  # ten polls of an unchanged dir, no read
     finally:
         rep.close()
@@ -179,3 +186,90 @@ def test_a_slow_poll_is_made_less_often():
     fast = RunDirWatcher("/nonexistent", signature=lambda d, i: ())
     fast.changed()
     assert fast.delay == POLL_S
+
+
+def _replace(path, text: str) -> None:
+    """An atomic write, as the status layer makes one: a dot temp, then a rename into place."""
+    tmp = path.parent / f".{path.name}.tmp"
+    tmp.write_text(text)
+    os.replace(tmp, path)
+
+
+def test_inotify_wakes_on_what_the_poll_stamps_and_not_on_temps_locks_or_the_own_status(tmp_path):
+    cfg = make_cfg(tmp_path, refresh=30.0)
+    run = tmp_path / "run"
+    (run / "incidents").mkdir()
+    _replace(run / "trainer.status.json", "{}")
+
+    async def body(c: Collector):
+        await _until(lambda: c.cycles >= 1, "the first (full) cycle")
+        w = c.watch.inotify
+        assert w is not None and c.watch.how == "inotify"
+        seen, cycles = w.events, c.cycles
+        # no news: a write in flight and its rename into the own status, a writers' lock (made, then
+        # flocked: flock makes no event), a lock file touched
+        _replace(run / "dashboard.status.json", "{}")
+        (run / "trainer.lock").write_text("")
+        os.utime(run / "trainer.lock")
+        await _until(lambda: w.events >= seen + 5, "the kernel's events for them, read")
+        assert c.cycles == cycles
+        grown = []
+        for what, change in [
+            ("a status replaced", lambda: _replace(run / "trainer.status.json", '{"a": 1}')),
+            ("a log grown", lambda: open(run / "trainer.metrics.jsonl", "a").write("{}\n")),
+            ("an entry touched", lambda: os.utime(run / "trainer.status.json")),
+            ("an entry in a subdirectory", lambda: (run / "incidents" / "0001").mkdir()),
+            ("a new subdirectory", lambda: (run / "runs").mkdir()),
+            ("an entry in the new one", lambda: (run / "runs" / "r1").mkdir()),
+            ("an entry removed", lambda: os.unlink(run / "trainer.metrics.jsonl")),
+        ]:
+            before = c.cycles
+            change()
+            await _until(lambda: c.cycles > before, what)
+            grown.append(what)
+        return grown
+
+    assert len(_run_loop(cfg, body)) == 7
+
+
+def test_a_run_dir_removed_under_inotify_is_polled_and_read_again_when_it_comes_back(tmp_path):
+    cfg = make_cfg(tmp_path, refresh=30.0)
+    run = tmp_path / "run"
+
+    async def body(c: Collector):
+        await _until(lambda: c.cycles >= 1, "the first (full) cycle")
+        assert c.watch.how == "inotify"
+        shutil.rmtree(run)
+        await _until(lambda: c.watch.inotify is None, "the watch ended")
+        assert "removed, moved or unmounted" in c.watch.how
+        run.mkdir()
+        rep = ProcessReporter(str(run), "trainer", "trainer", heartbeat_interval=3600)
+        rep.start({"run_id": "unit"})
+        try:
+            rep.set_state(State.RUNNING)
+            rep.progress(step=7, loss=1.0)
+            await _until(lambda: _step(c) == 7, "the status written in the new run dir, read by the poll")
+        finally:
+            rep.close()
+        return c.watcher.polls
+
+    assert _run_loop(cfg, body) >= 1
+
+
+def test_a_run_dir_on_a_network_filesystem_is_polled_and_says_why(tmp_path, monkeypatch):
+    monkeypatch.setattr(watcher, "remote_fs", lambda path: "nfs")  # a seam: no NFS mount here
+    cfg = make_cfg(tmp_path, refresh=30.0)
+
+    async def body(c: Collector):
+        await _until(lambda: c.watcher.polls >= 3, "three polls")
+        return c.watch.how, c.watch.inotify
+
+    how, ino = _run_loop(cfg, body)
+    assert ino is None and how == "a stat poll every 0.05 s (on nfs, inotify misses other hosts' writes)"
+
+
+def test_the_filesystem_type_is_read_from_statfs(tmp_path):
+    assert inotify.fs_type("/proc") == 0x9FA0  # PROC_SUPER_MAGIC: the struct's first field is read right
+    assert inotify.remote_fs(str(tmp_path)) is None
+    with pytest.raises(FileNotFoundError):
+        inotify.fs_type(str(tmp_path / "missing"))
