@@ -112,6 +112,7 @@ class Fleet:
             # the air-gapped/CI path: every release links the repo's own .venv instead of building one
             "keel_release_venv_source": str(REPO_ROOT / ".venv"),
             "keel_health_timeout": 240,
+            "keel_health_revert_timeout": 240,
             "keel_health_delay": 2,
             # light stacks: three real trainers share two cores (often with other work), and a torch import
             # can take longer than dev's 20 s progress timeout: generous health timeouts, so that the
