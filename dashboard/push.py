@@ -23,36 +23,40 @@ PLOTS_AFTER_S = 0.04
 def pusher(doc: Document, view: Any, clock: Callable[[], float] = time.monotonic) -> Callable[[], None]:
     """A collector listener that runs ``view.update_text`` (a dashboard.page.SessionView) on the session's
     next tick (under its document lock), then ``view.update_plots`` PLOTS_AFTER_S later; at most one
-    pending at a time however far the loop has fallen behind, and at most one per PUSH_GAP_S. News that
-    comes while one is pending gets one more update after it: dropped, a status written just after the
-    last one went would wait for the next write (a second, measured as a tab lagging 1.06 s)."""
+    pending at a time however far the loop has fallen behind, and at most one per PUSH_GAP_S.
+
+    News is never dropped, and never costs a second repaint of the plots: news that comes before the text
+    went is in it; news that comes between the text and the plots (a trainer's metrics and status writes,
+    or a write and the refresh, a few ms apart) has its text sent with the plots, in the same update
+    (before, it got an update of its own after them: every tab repainted its plots twice a second); news
+    after the plots went is the next update."""
     pending = False
-    again = False  # news came while an update was pending: another is due after it (never dropped)
+    text_went = False  # this update's text has gone: news now is sent with its plots
+    news = False  # news came after the text went
     last = -PUSH_GAP_S
     spent = 0.0  # this update's server time so far (text, then plots)
 
     def run() -> None:
-        nonlocal last, spent, again
-        last, again = clock(), False  # news that came while this waited out the gap is in this update
+        nonlocal last, spent, text_went
+        last, text_went = clock(), True
         t0 = time.perf_counter()
         view.update_text()
         spent = time.perf_counter() - t0
         doc.add_timeout_callback(plots, int(PLOTS_AFTER_S * 1000))
 
     def plots() -> None:
-        nonlocal pending, again
+        nonlocal pending, text_went, news
         t0 = time.perf_counter()
+        if news:
+            view.update_text()
         view.update_plots()
         view.c.session_seconds.append(spent + time.perf_counter() - t0)  # in refresh_stats: the bench's session cost
-        pending = False
-        if again:  # a status written while the text had gone and the plots waited: its own update follows
-            again = False
-            push()
+        pending = text_went = news = False
 
     def push() -> None:
-        nonlocal pending, again
+        nonlocal pending, news
         if pending:
-            again = True
+            news = news or text_went
             return
         pending = True
         wait = last + PUSH_GAP_S - clock()

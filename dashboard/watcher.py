@@ -41,6 +41,12 @@ POLL_S = 0.05  # the stat poll's period: worst case 0.05 s of the 0.3 s budget (
 # poll never costs more than 1/POLL_BUDGET of a core: freshness then degrades, idle CPU does not.
 POLL_BUDGET = 200
 
+# inotify reports a write the moment it lands, and a trainer's step is a burst of writes (its metrics line,
+# then its status snapshot, 1.0 ms later median, 3.5 ms p95, measured with keel's reporter): woken at the
+# first, the collector read the burst in two or three cycles, and every tab updated for each (417 updates
+# in a minute of 3 tabs instead of 360). The first change of a burst waits this long for the rest.
+SETTLE_S = 0.02
+
 Stamp = tuple[str, int, int, int]  # name, inode, size, mtime_ns
 Signature = tuple[Stamp, ...] | None  # None: the run dir cannot be listed (the status scan says why)
 
@@ -155,6 +161,7 @@ class RunDirWatch:
         self._poll, self._loop, self._on_change = poll, loop, on_change
         self.inotify: InotifyWatch | None = None
         self._stop_poll: threading.Event | None = None
+        self._settling: asyncio.TimerHandle | None = None  # a change seen, reported SETTLE_S after it
         if not use_inotify:
             self._start_poll("inotify not asked for")
             return
@@ -186,8 +193,12 @@ class RunDirWatch:
             self._close_inotify()
             self._start_poll("its inotify watch ended: the run dir was removed, moved or unmounted")
             log.warning("run dir %s: %s", self._poll.run_dir, self.how, extra={"event": "run_dir_watch"})
-        if hit:
-            self._on_change()
+        if hit and self._settling is None:
+            self._settling = self._loop.call_later(SETTLE_S, self._settled)
+
+    def _settled(self) -> None:
+        self._settling = None
+        self._on_change()
 
     def _close_inotify(self) -> None:
         if self.inotify is not None:
@@ -196,6 +207,8 @@ class RunDirWatch:
             self.inotify = None
 
     def stop(self) -> None:
+        if self._settling is not None:
+            self._settling.cancel()
         self._close_inotify()
         if self._stop_poll is not None:
             self._stop_poll.set()

@@ -242,6 +242,7 @@ def test_a_run_dir_removed_under_inotify_is_polled_and_read_again_when_it_comes_
         shutil.rmtree(run)
         await _until(lambda: c.watch.inotify is None, "the watch ended")
         assert "removed, moved or unmounted" in c.watch.how
+        await _until(lambda: c.watcher.polls >= 2, "the poll running")
         run.mkdir()
         rep = ProcessReporter(str(run), "trainer", "trainer", heartbeat_interval=3600)
         rep.start({"run_id": "unit"})
