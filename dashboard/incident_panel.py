@@ -51,9 +51,9 @@ class IncidentPanel:
 
 
 def mount_incident_panel(doc: Document, collector: Any) -> IncidentPanel:
-    """Add the panel to ``doc`` (its own root, below the page), refreshed from the collector's state."""
+    """The panel for ``doc``, refreshed from the collector's state; the caller adds ``panel.div`` (its own
+    root, below the page)."""
     panel = IncidentPanel(collector)
     panel.refresh()
-    doc.add_root(panel.div)
     doc.add_periodic_callback(panel.refresh, int(collector.cfg.refresh * 1000))
     return panel

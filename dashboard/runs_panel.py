@@ -127,10 +127,9 @@ class RunsPanel:
 
 
 def mount_runs_panel(doc: Document, collector: Any, plots: Any) -> RunsPanel:
-    """Build the panel for the page's trainers (``plots``: the TrainingPlots), add it as a root of `doc`,
-    and refresh it after each of the collector's refreshes (it reads only the collector's state)."""
+    """Build the panel for the page's trainers (``plots``: the TrainingPlots) and refresh it after each of
+    the collector's refreshes (it reads only the collector's state); the caller adds ``panel.layout``."""
     cfg = collector.cfg
     panel = RunsPanel(doc, collector, plots, storage_key=f"keel.baseline.{cfg.project}.{cfg.environment}")
-    doc.add_root(panel.layout)
     doc.add_periodic_callback(panel.refresh, int(cfg.refresh * 1000))
     return panel

@@ -31,6 +31,7 @@ from dashboard.auth import PasswordAuth, load_hash
 from dashboard.collector import Collector
 from dashboard.config import ConfigError, DashboardConfig, check_bind, is_loopback, load_config
 from dashboard.hostcheck import install_on_server
+from dashboard.malloc import fix_mmap_threshold
 from dashboard.page import make_doc
 
 log = logging.getLogger("dashboard.server")
@@ -184,6 +185,7 @@ def main(argv: list[str] | None = None) -> int:
         return 2
     # The dashboard never computes on a GPU; NVML (read-only metrics) does not need CUDA.
     os.environ["CUDA_VISIBLE_DEVICES"] = ""
+    fix_mmap_threshold()  # freed big arrays go back to the system (dashboard/malloc.py)
     try:
         cfg = load_config(args.config)
         check_bind(cfg)

@@ -93,7 +93,7 @@ class TrainingPlots:
         self._hists: dict[str, History] = {}  # stream -> its History (the collector's)
         # stream -> the History serial its frame was drawn at: its lines hold the rows after it as they are
         self._frame_serials: dict[str, int] = {}
-        self._frame_fn: Callable[[str, Callable[[], curves.Frame]], curves.Frame] | None = None
+        self._frame_fn: Callable[[str, Callable[[], curves.Frame]], tuple[int, curves.Frame]] | None = None
         self.figs: dict[str, Any] = {}
         toggles = []
         for key, title in FIGURES:
@@ -134,7 +134,9 @@ class TrainingPlots:
         # figures in rows and columns was laid out 1.5 times a second, ~0.1 s of the browser's main thread
         # each (measured by timing BokehJS's views in the page). Alone, a figure re-measures itself.
         self.controls = row(self.smoothing, self.x_select, *toggles, sizing_mode="stretch_width")
-        self.roots = [self.controls, *[self.figs[k] for k, _ in FIGURES]]
+        self.lead = [self.controls, self.figs["loss"]]  # drawn first (dashboard.page make_doc)
+        self.rest = [self.figs[k] for k, _ in FIGURES if k != "loss"]
+        self.roots = [*self.lead, *self.rest]
 
     def _frozen(self) -> contextlib.AbstractContextManager:
         """Bokeh recounts a document's models on every change to its model graph (~0.2 s for this page):
@@ -173,7 +175,7 @@ class TrainingPlots:
 
     def update(self, metrics: dict[str, Any], streams: list[str], events: Any = (),
                processes: dict[str, tuple[str, ...]] | None = None,
-               frame: Callable[[str, Callable[[], curves.Frame]], curves.Frame] | None = None) -> bool:
+               frame: Callable[[str, Callable[[], curves.Frame]], tuple[int, curves.Frame]] | None = None) -> bool:
         """Redraw the lines of the streams whose History changed, and the markers when new ``events`` came
         (the collector's ``(serial, record)`` ``event_records``; ``processes``: stream -> the programs
         writing it, whose watchdog events go on its curves). ``frame`` (the collector's ``frame``) keeps
@@ -195,8 +197,8 @@ class TrainingPlots:
                     m.syncable = m in self.synced  # select (sliders and toggles act in JS, zooms come as events)
             if hist.last_serial == self.sent.get(stream, -1):
                 continue
-            if not self._append(stream):
-                self._redraw(stream)
+            if not self._append(stream) and not self._redraw(stream, only_new=True):
+                continue  # the frame this session drew is still the shared one (a long history being read in)
             sent = True
         if sent or new_events:
             self._draw_markers()
@@ -224,14 +226,18 @@ class TrainingPlots:
         self.sent[stream] = hist.last_serial
         return True
 
-    def _redraw(self, stream: str) -> None:
+    def _redraw(self, stream: str, only_new: bool = False) -> bool:
         """Draw ``stream`` whole from its History now: downsampled (the frame shared by all sessions at this
-        serial), or for a zoomed-in figure from its visible range."""
+        serial), or for a zoomed-in figure from its visible range. ``only_new``: not when the shared frame is
+        the one already drawn (the collector keeps one while it reads a long history in); False then."""
         hist = self._hists[stream]
         rows = hist.arrays()
         make = functools.partial(curves.frame, rows, stream, tuple(m for m, _ in METRICS), N_OUT)
-        self.frames[stream] = shared = make() if self._frame_fn is None else self._frame_fn(stream, make)
-        self.sent[stream] = self._frame_serials[stream] = hist.last_serial
+        serial, shared = (hist.last_serial, make()) if self._frame_fn is None else self._frame_fn(stream, make)
+        if only_new and not self.zoom and self.frames.get(stream) is shared:
+            return False
+        self.frames[stream] = shared
+        self.sent[stream] = self._frame_serials[stream] = serial
         for key, _ in FIGURES:
             f = shared
             if key in self.zoom:
@@ -241,6 +247,7 @@ class TrainingPlots:
             for metric in METRICS_OF[key]:
                 self.sources[f"{stream}/{metric}"].data = xaxis.with_x(f.live[metric], self.x_mode)
                 self.lost_sources[f"{stream}/{metric}"].data = xaxis.with_x(f.lost[metric], self.x_mode)
+        return True
 
     # ------------------------------------------------------ reading tools
 

@@ -78,3 +78,17 @@ def test_a_new_column_is_nan_for_the_points_before_it():
     assert math.isnan(cpu[0]) and math.isnan(cpu[1]) and cpu[2] == 50.0
     assert h.since(0, ["cpu:trainer"])["cpu:trainer"][1:] == [50.0]
     assert list(h.data(["t"])) == ["t"]
+
+
+def test_every_kind_of_value_in_a_record_becomes_the_float_it_reads_as():
+    # numbers, bools, None, the status layer's non-finite strings: the fast (whole-column) path;
+    # a word, a list, a dict, an int beyond a float: value by value, NaN where it is no number
+    h = History(["fast", "slow"], 100)
+    fast = [1, 2.5, True, None, "inf", "-inf", " 3 "]
+    slow = [1, "loss", [1, 2], {"a": 1}, 10**400, -10**400, "nan"]
+    h.extend({"fast": f, "slow": s} for f, s in zip(fast, slow))
+    got = h.since(-1)
+    assert got["fast"][:3] == [1.0, 2.5, 1.0] and math.isnan(got["fast"][3])
+    assert got["fast"][4:] == [math.inf, -math.inf, 3.0]
+    assert got["slow"][0] == 1.0 and all(math.isnan(v) for v in got["slow"][1:4])
+    assert got["slow"][4:6] == [math.inf, -math.inf] and math.isnan(got["slow"][6])

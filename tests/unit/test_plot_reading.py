@@ -117,7 +117,7 @@ def test_new_points_are_streamed_onto_the_lines_until_a_whole_redraw_is_due(tmp_
     other = make_doc(Document(), c)  # a second tab on the same shared frame
     view.plots.x_select.value = "rel"
     src = doc.get_model_by_name("metrics:trainer")
-    shared = c.frames["trainer"][1].live["loss"]
+    shared = c.frames["trainer"][2].live["loss"]
     kept = {k: len(v) for k, v in shared.items()}
     events = []
     doc.on_change(lambda e: events.append(e))
@@ -154,5 +154,41 @@ def test_a_clean_resume_is_marked_on_top_of_its_checkpoint(tmp_path):
     assert marks["what"][-1] == "trainer: restart, resumed at step 50 after 10m00s down (no steps lost)"
     src = doc.get_model_by_name("metrics:trainer").data
     assert [s for s, y in zip(src["step"], src["y"]) if y != y] == [51.0]  # the line breaks where it was down
+    rep.close()
+    c.runner.close()
+
+
+def test_while_a_long_history_is_read_in_its_lines_are_drawn_whole_at_most_once_a_second(tmp_path):
+    from dashboard.collector import CATCHING_UP_REDRAW_S
+    from dashboard.training_plots import TrainingPlots
+
+    cfg = make_cfg(tmp_path)
+    rep = ProcessReporter(cfg.run_dir, "trainer", "trainer", heartbeat_interval=60)
+    rep.start({"run_id": "unit"})
+    n = 2 * METRICS_PER_CYCLE + 5
+    rep.metrics([{"step": i, "loss": 1.0, "t": T0 + i} for i in range(n)])
+    now = [100.0]
+    c = Collector(cfg, mono=lambda: now[0])
+    tabs = [TrainingPlots(), TrainingPlots()]
+    drawn = []
+
+    def update():
+        for plots in tabs:
+            plots.update(c.metrics, ["trainer"], frame=c.frame)
+        drawn.append([plots.sources["trainer/loss"].data["x"][-1] for plots in tabs])
+
+    cycle(c)
+    assert c.catching_up
+    update()  # the first chunk: drawn
+    cycle(c)
+    assert c.catching_up
+    update()  # the second chunk, at once: the curves are not made again yet, and no tab draws them again
+    assert drawn == [[METRICS_PER_CYCLE - 1] * 2] * 2 and tabs[0].frames["trainer"] is tabs[1].frames["trainer"]
+    now[0] += CATCHING_UP_REDRAW_S
+    update()  # a second on: made again, drawn
+    cycle(c)
+    assert not c.catching_up
+    update()  # all read: made and drawn at once
+    assert drawn[2:] == [[2 * METRICS_PER_CYCLE - 1] * 2, [n - 1] * 2]
     rep.close()
     c.runner.close()

@@ -151,6 +151,25 @@ def test_a_write_in_the_run_dir_is_read_without_waiting_for_the_refresh(tmp_path
         rep.close()
 
 
+def test_a_long_history_is_read_in_at_once_not_a_chunk_per_refresh(tmp_path):
+    from dashboard.rundir import METRICS_PER_CYCLE
+
+    cfg = make_cfg(tmp_path, refresh=30.0)  # nothing writes after the start: only catching up reads again
+    rep = ProcessReporter(cfg.run_dir, "trainer", "trainer", heartbeat_interval=3600)
+    rep.start({"run_id": "unit"})
+    n = 2 * METRICS_PER_CYCLE + 5  # three cycles' worth
+    rep.metrics([{"step": i, "loss": 1.0} for i in range(n)])
+    try:
+        async def body(c: Collector):
+            await _until(lambda: "trainer" in c.metrics and len(c.metrics["trainer"]) == n, "the whole history")
+            await _until(lambda: not c.catching_up, "the catching up done")
+            return c.cycles
+
+        assert _run_loop(cfg, body) >= 3  # in under WAIT s; a chunk per refresh would take 60 s
+    finally:
+        rep.close()
+
+
 def test_an_unchanged_run_dir_is_polled_but_not_read(tmp_path):
     cfg = make_cfg(tmp_path, refresh=30.0)
     rep = ProcessReporter(cfg.run_dir, "trainer", "trainer", heartbeat_interval=3600)
