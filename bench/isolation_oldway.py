@@ -4,7 +4,7 @@
 
 One process: a daemon thread runs an asyncio loop with the same Bokeh server,
 page and collector as `python -m dashboard` (dashboard.server.build_server,
-dashboard.page.make_doc, dashboard.collector.Collector, its own status
+dashboard.document.make_doc, dashboard.collector.Collector, its own status
 reporter included), and the main thread runs the trainer exactly as
 `python -m trainer` does (trainer.__main__.main: signals, status, checkpoints,
 the built-in model). They share one interpreter, one GIL and, when pinned,

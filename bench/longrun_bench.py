@@ -109,7 +109,7 @@ def write_config(root: Path, port: int) -> Path:
 
 
 # The loss plot on screen: its BokehJS view has rendered (has_finished) with the loss line holding points;
-# the whole page: every root's view has rendered (the page's lead comes first: dashboard.page make_doc).
+# the whole page: every root's view has rendered (the page's lead comes first: dashboard.document make_doc).
 LOSS_DRAWN_JS = """() => {
   if (!window.Bokeh || !Bokeh.documents.length) return false;
   const d = Bokeh.documents[0], f = d.get_model_by_name('loss_plot'), m = d.get_model_by_name('metrics:trainer');

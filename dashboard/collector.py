@@ -26,6 +26,7 @@ from keel.status.results import ReadError, Stale
 
 from dashboard import curves
 from dashboard.config import DashboardConfig
+from dashboard.frame_cache import FrameCache
 from dashboard.history import FULL_RES_POINTS, History
 from dashboard.rundir import METRICS_PER_CYCLE, RunDirReader
 from dashboard.present import Verdict, error_label, event_line, overall, process_rows
@@ -33,12 +34,6 @@ from dashboard.watcher import Cycle, Pacer, RunDirWatch, RunDirWatcher, kept_err
 from keel.watch.verdicts import BY_WATCHDOG, ProcessHealth, health_from_files
 
 log = logging.getLogger("dashboard.collector")
-
-# While a long history is read in (METRICS_PER_CYCLE records a cycle, cycles back to back), its curves are
-# made at most this often, and the sessions draw lines whole only from new curves (dashboard.training_plots):
-# each drawing is a downsampling of up to 1,000,000 rows and 2,000 points a metric sent to every tab and
-# repainted there, and the tabs being opened meanwhile waited behind it.
-CATCHING_UP_REDRAW_S = 1.0
 
 METRIC_COLUMNS = ("step", "t", "loss", "val_loss", "lr", "samples_per_s", "grad_norm", curves.BEGIN)
 # One series for everything sampled at the same instant: host, each process, each GPU.
@@ -107,11 +102,11 @@ class Collector:
         self.runs_serial = 0
         self.incident: dict[str, Any] | None = None
         self.incident_serial = 0
-        # Each stream's drawn curves (dashboard.curves.Frame) at a History serial: computed once for all sessions.
-        self.frames: dict[str, tuple[int, float, Any]] = {}  # stream -> (serial, made at (monotonic), Frame)
+        # Each stream's drawn curves (dashboard.curves.Frame) at a History serial: made once for all sessions.
+        self.frames = FrameCache(mono)
         # A metrics file read only in part (a long history: METRICS_PER_CYCLE records a cycle): the next cycle
         # follows at once, not at the next write or refresh (a finished 1,000,000-step run took 50 s to load),
-        # and the curves are made again less often meanwhile (``frame``).
+        # and the curves are made again less often meanwhile (dashboard.frame_cache).
         self.catching_up = False
         # Health is the watchdog's published verdict (keel.watch.verdicts), or judged here with the same rules
         # when it is not reporting (``watchdog_why`` says why): never counted or judged by rules of our own.
@@ -379,17 +374,8 @@ class Collector:
     # -------------------------------------------------------------- queries
 
     def frame(self, stream: str, make: Callable[[], Any]) -> tuple[int, Any]:
-        """The drawn curves of ``stream`` and the History serial they are at: made by the first session that
-        needs them, kept until the stream changes (so a tab opened later, or one more tab, costs no
-        downsampling). While a long history is read in, curves made under CATCHING_UP_REDRAW_S ago are
-        kept although it grew: each session drawing its own (a downsampling of up to 1,000,000 rows) kept
-        the event loop busy, and the tabs being opened waited (the sessions draw the rows after the
-        serial at their next redraw)."""
-        serial, now = self.metrics[stream].last_serial, self._mono()
-        kept = self.frames.get(stream)
-        if kept is None or kept[0] != serial and not (self.catching_up and now - kept[1] < CATCHING_UP_REDRAW_S):
-            kept = self.frames[stream] = (serial, now, make())
-        return kept[0], kept[2]
+        """The drawn curves of ``stream`` and the History serial they are at (dashboard.frame_cache)."""
+        return self.frames.get(stream, self.metrics[stream].last_serial, make, catching_up=self.catching_up)
 
     @property
     def events_serial(self) -> int:

@@ -1,4 +1,4 @@
-"""The page: ``make_doc(doc, collector)`` builds one browser session's Document.
+"""The page: ``SessionView``, one browser session's models (put into its Document by dashboard.document).
 
 Each session keeps its own data sources and sends only what changed since its last
 update (pushed after each collector cycle): new resource points through
@@ -16,18 +16,14 @@ import logging
 from typing import Any
 
 from bokeh.document import Document
-from bokeh.events import DocumentReady
 from bokeh.layouts import column, row
 from bokeh.models import ColumnDataSource, CustomJS, DataTable, Div, Line, StringFormatter, TableColumn
 from bokeh.palettes import Category10_10
 from bokeh.plotting import figure
 
 from dashboard.markup import text_div
-from dashboard.push import pusher
 from dashboard.training_plots import TrainingPlots
 from dashboard.collector import RESOURCE_COLUMNS, Collector, gpu_column, proc_column
-from dashboard.runs_panel import mount_runs_panel
-from dashboard.incident_panel import mount_incident_panel
 from dashboard.present import (
     BAD, DEFAULT_HEARTBEAT_TIMEOUT, GREY, OK, ROW_COLUMNS, WARN, badge, esc, fmt_age, fmt_num, key_html, pre_html,
     status_kind, training_summary,
@@ -46,9 +42,6 @@ _OVERALL_LEVEL = {"ok": OK, "degraded": WARN, "failing": BAD}
 # drawn as 64 lines are unreadable, and each line costs every session a model and a
 # websocket message per refresh. The first ones by name (rank 0 first) are drawn.
 MAX_PLOTTED = 8
-# The rest of a new tab's page comes at the browser's DocumentReady, or this long after the page was
-# built should it never come (a browser that cannot lay out the lead still gets the whole page).
-REST_AFTER_S = 3.0
 
 
 def _fig(title: str, x_label: str, *, datetime_x: bool = False, name: str) -> Any:
@@ -123,7 +116,7 @@ class SessionView:
         # the browser's main thread each (measured with the CDP profiler: 98 % busy at 10 updates a
         # second). Apart, a change re-measures its own part.
         # ``lead``: what a person reads first (the verdict, the processes, the training text, the loss curve),
-        # drawn before the rest (make_doc).
+        # drawn before the rest (dashboard.document).
         self.lead = [self.header, self.errors, self.table, self.training, self.training_key, *self.plots.lead]
         self.rest = [
             *self.plots.rest,
@@ -363,55 +356,3 @@ def _unsynced(root: Any, keep: tuple[Any, ...] = ()) -> None:
 
 def _empty_rows() -> dict[str, list]:
     return {c: [] for c in ROW_COLUMNS}
-
-
-def make_doc(doc: Document, collector: Collector) -> SessionView:
-    """Build the page into ``doc`` and start its per-session updates; returns the view (for tests).
-
-    A browser's page gets the lead first (``SessionView.lead``, then the runs panel: its overlays are on
-    the loss curve) and the rest of the page when BokehJS says the lead is on screen (its DocumentReady
-    event), or REST_AFTER_S after the page was built should that never come: a new tab's browser builds
-    and lays out every root before it paints any (measured with the CDP profiler: 1.2 s of script before
-    the loss line showed, 0.4 s of it building views, 0.3 s laying out). A bare Document (tests, an
-    export) gets everything at once."""
-    view = SessionView(doc, collector)
-    doc.title = f"{collector.cfg.project} · {collector.cfg.environment}"
-    # past runs: a table, overlays on the loss curve, a baseline pin (dashboard/runs_panel.py)
-    view.runs = mount_runs_panel(doc, collector, view.plots)
-    view.incident = mount_incident_panel(doc, collector)  # dashboard/incident_panel.py
-    rest = [*view.rest, view.incident.div]
-
-    def add(roots: list[Any]) -> None:
-        # Each add_root recounts the document's models (~0.05 s for this page): frozen, ~20 roots are
-        # counted once (a new tab's document took 1.0 s to build with a 1,000,000-row stream; 0.3 s frozen).
-        with doc.models.freeze():
-            for root in roots:
-                doc.add_root(root)
-
-    def add_rest(*_: Any) -> None:
-        if rest:
-            add(rest[:])
-            rest.clear()
-
-    add([*view.lead, view.runs.layout])
-    if doc.session_context is None:
-        add_rest()
-    else:
-        doc.on_event(DocumentReady, add_rest)
-        doc.add_timeout_callback(add_rest, int(REST_AFTER_S * 1000))
-    collector.sessions += 1
-    # The timer keeps the header honest when the reader stalls; new data arrives by the push below.
-    callback = doc.add_periodic_callback(view.update, int(collector.cfg.refresh * 1000))
-    unsubscribe = collector.subscribe(pusher(doc, view)) if doc.session_context is not None else None
-
-    def _destroyed(session_context: Any) -> None:
-        collector.sessions = max(0, collector.sessions - 1)
-        if unsubscribe is not None:
-            unsubscribe()
-        try:
-            doc.remove_periodic_callback(callback)
-        except Exception:  # noqa: BLE001 - Bokeh may have torn the document down already
-            pass
-
-    doc.on_session_destroyed(_destroyed)
-    return view

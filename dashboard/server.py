@@ -32,7 +32,7 @@ from dashboard.collector import Collector
 from dashboard.config import ConfigError, DashboardConfig, check_bind, is_loopback, load_config
 from dashboard.hostcheck import install_on_server
 from dashboard.malloc import fix_mmap_threshold
-from dashboard.page import make_doc
+from dashboard.document import make_doc
 
 log = logging.getLogger("dashboard.server")
 SHUTDOWN_DEADLINE = 10.0  # seconds; supervisord's stopwaitsecs should be longer

@@ -134,7 +134,7 @@ class TrainingPlots:
         # figures in rows and columns was laid out 1.5 times a second, ~0.1 s of the browser's main thread
         # each (measured by timing BokehJS's views in the page). Alone, a figure re-measures itself.
         self.controls = row(self.smoothing, self.x_select, *toggles, sizing_mode="stretch_width")
-        self.lead = [self.controls, self.figs["loss"]]  # drawn first (dashboard.page make_doc)
+        self.lead = [self.controls, self.figs["loss"]]  # drawn first (dashboard.document make_doc)
         self.rest = [self.figs[k] for k, _ in FIGURES if k != "loss"]
         self.roots = [*self.lead, *self.rest]
 

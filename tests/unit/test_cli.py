@@ -167,4 +167,3 @@ def test_cli_modules_do_not_import_each_other():
         imported = [n.module for n in ast.walk(tree) if isinstance(n, ast.ImportFrom) and n.module]
         imported += [a.name for n in ast.walk(tree) if isinstance(n, ast.Import) for a in n.names]
         assert not [m for m in imported if m == "keel.cli" or m.startswith("keel.cli.")], path.name
-        assert len(path.read_text().splitlines()) <= 400, path.name

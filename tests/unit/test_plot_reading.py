@@ -11,7 +11,7 @@ from keel.status.reporter import ProcessReporter
 
 from dashboard import curves
 from dashboard.collector import Collector
-from dashboard.page import make_doc
+from dashboard.document import make_doc
 from dashboard.rundir import METRICS_PER_CYCLE
 from dashboard.training_plots import N_OUT
 from tests.unit.test_dashboard_page import cycle, make_cfg
@@ -117,7 +117,7 @@ def test_new_points_are_streamed_onto_the_lines_until_a_whole_redraw_is_due(tmp_
     other = make_doc(Document(), c)  # a second tab on the same shared frame
     view.plots.x_select.value = "rel"
     src = doc.get_model_by_name("metrics:trainer")
-    shared = c.frames["trainer"][2].live["loss"]
+    shared = c.frames.latest("trainer").live["loss"]
     kept = {k: len(v) for k, v in shared.items()}
     events = []
     doc.on_change(lambda e: events.append(e))
@@ -159,7 +159,7 @@ def test_a_clean_resume_is_marked_on_top_of_its_checkpoint(tmp_path):
 
 
 def test_while_a_long_history_is_read_in_its_lines_are_drawn_whole_at_most_once_a_second(tmp_path):
-    from dashboard.collector import CATCHING_UP_REDRAW_S
+    from dashboard.frame_cache import CATCHING_UP_REDRAW_S
     from dashboard.training_plots import TrainingPlots
 
     cfg = make_cfg(tmp_path)
