@@ -34,6 +34,15 @@ log = logging.getLogger("dashboard.runs")
 FIELDS = ("id", "trainer", "started", "steps", "loss", "best", "val", "best_val", "digest", "end")
 WIDTHS = (110, 80, 150, 60, 70, 70, 70, 70, 110, 200)
 BASELINE_NONE = ""
+# The table is as tall as its runs, up to this many rows (more scroll): a fixed height left a live run's
+# one row above an empty box as tall as the loss plot's controls.
+ROWS_SHOWN = 8
+ROW_HEIGHT = 24
+
+
+def table_height(runs: int) -> int:
+    """Pixels for a table of ``runs`` rows: the header and at least two rows (an empty table still reads as one)."""
+    return 30 + ROW_HEIGHT * min(max(runs, 2), ROWS_SHOWN)
 
 
 def overlay_label(run_id: str) -> str:
@@ -54,8 +63,9 @@ class RunsPanel:
         self._baseline: str | None = None
         self.source = ColumnDataSource({f: [] for f in FIELDS}, name="runs")
         cols = [TableColumn(field=f, title=t.lower(), width=w) for f, t, w in zip(FIELDS, RUN_COLUMNS, WIDTHS)]
-        self.table = DataTable(source=self.source, columns=cols, name="runs_table", index_position=None, height=180,
-                               sizing_mode="stretch_width", row_height=24, autosize_mode="none", selectable=True)
+        self.table = DataTable(source=self.source, columns=cols, name="runs_table", index_position=None,
+                               height=table_height(0), sizing_mode="stretch_width", row_height=ROW_HEIGHT,
+                               autosize_mode="none", selectable=True)
         self.baseline = Select(title="baseline (kept in this browser)", value=BASELINE_NONE,
                                options=[(BASELINE_NONE, "none")], name="runs_baseline", width=260)
         self.baseline.js_on_change("value", CustomJS(args={"key": storage_key}, code="""
@@ -86,6 +96,7 @@ class RunsPanel:
         self._runs = runs
         rows = [run_row(s) for s in runs]
         self.source.data = {f: [r[i] for r in rows] for i, f in enumerate(FIELDS)}
+        self.table.height = table_height(len(rows))
         self.source.selected.indices = [i for i, s in enumerate(runs) if s.id in selected]
         self.baseline.options = [(BASELINE_NONE, "none")] + [(s.id, f"{s.id} ({s.trainer})") for s in runs]
 

@@ -356,3 +356,25 @@ def test_a_failing_part_of_the_update_stays_shown_until_it_succeeds(run_dir):
     view.update_plots()  # the failed generation is drawn again, and the badge goes
     assert not view.update_error.visible and view.update_error.text == ""
     c.runner.close()
+
+
+def test_the_runs_table_is_as_tall_as_its_runs_up_to_a_scroll(run_dir):
+    from keel.status.runs import RunSummary
+
+    from dashboard.runs_panel import ROW_HEIGHT, ROWS_SHOWN
+
+    cfg, _ = run_dir
+    c = Collector(cfg)
+    cycle(c)
+    view = make_doc(Document(), c)
+    heights = []
+    for n in (1, 3, ROWS_SHOWN + 5):
+        c.runs = [RunSummary(id=f"r{i}", trainer="trainer", started=1.7e9, updated=1.7e9, config_digest="d")
+                  for i in range(n)]
+        c.runs_serial += 1
+        view.runs.refresh()
+        heights.append(view.runs.table.height)
+        assert len(view.runs.source.data["id"]) == n
+    # one run: two rows tall; three: three; more than ROWS_SHOWN: ROWS_SHOWN rows (the rest scroll)
+    assert [b - a for a, b in zip(heights, heights[1:])] == [ROW_HEIGHT, ROW_HEIGHT * (ROWS_SHOWN - 3)]
+    c.runner.close()
