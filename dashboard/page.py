@@ -17,6 +17,7 @@ from typing import Any
 
 from bokeh.document import Document
 from bokeh.layouts import column, row
+from bokeh.model.util import collect_models
 from bokeh.models import ColumnDataSource, CustomJS, DataTable, Div, Line, StringFormatter, TableColumn
 from bokeh.palettes import Category10_10
 from bokeh.plotting import figure
@@ -128,8 +129,7 @@ class SessionView:
         ]
         self.roots = [*self.lead, *self.rest]
         self.update()
-        for root in self.roots:
-            _unsynced(root, keep=self.plots.synced)
+        _unsynced(self.roots, keep=self.plots.synced)
 
     # ----------------------------------------------------------------- series
 
@@ -346,11 +346,11 @@ def _line(fig: Any, source: ColumnDataSource, x: str, y: str, color: str, **visu
     fig.add_glyph(source, Line(x=x, y=y, line_color=color, syncable=False, **visuals), syncable=False)
 
 
-def _unsynced(root: Any, keep: tuple[Any, ...] = ()) -> None:
+def _unsynced(roots: list[Any], keep: tuple[Any, ...] = ()) -> None:
     """The browser sends none of this page's models back but ``keep`` (what the viewer chooses): the
     server does not read them, and auto-ranging plots otherwise send new range bounds for every
-    streamed point."""
-    for model in root.references():
+    streamed point. One walk over all the roots (a walk per root visited the shared models again)."""
+    for model in collect_models(*roots):
         model.syncable = model in keep
 
 

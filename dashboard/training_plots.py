@@ -16,6 +16,7 @@ from typing import Any, Callable
 import numpy as np
 from bokeh.events import RangesUpdate, Reset
 from bokeh.layouts import row
+from bokeh.model.util import collect_models
 from bokeh.models import (
     ColumnDataSource, CustomJS, CustomJSHover, CustomJSTransform, HoverTool, Line, LogScale, LogTicker,
     LogTickFormatter, Scatter, Select, Slider, Toggle, VArea,
@@ -193,7 +194,7 @@ class TrainingPlots:
                 with self._frozen():  # a new stream's glyphs: one recount (1.3 s unfrozen, measured)
                     for metric, _ in METRICS:
                         self._add_metric(stream, metric, Category10_10[i % 10])
-                for m in {m for r in self.roots for m in r.references()}:  # the browser sends back only the x
+                for m in collect_models(*self.roots):  # the browser sends back only the x
                     m.syncable = m in self.synced  # select (sliders and toggles act in JS, zooms come as events)
             if hist.last_serial == self.sent.get(stream, -1):
                 continue

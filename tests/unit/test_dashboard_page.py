@@ -378,3 +378,20 @@ def test_the_runs_table_is_as_tall_as_its_runs_up_to_a_scroll(run_dir):
     # one run: two rows tall; three: three; more than ROWS_SHOWN: ROWS_SHOWN rows (the rest scroll)
     assert [b - a for a, b in zip(heights, heights[1:])] == [ROW_HEIGHT, ROW_HEIGHT * (ROWS_SHOWN - 3)]
     c.runner.close()
+
+
+def test_the_page_passes_bokehs_validation(run_dir):
+    # The server does not validate each session's document (dashboard.server): this does, once.
+    from bokeh.core.validation import check_integrity
+    from bokeh.core.validation.warnings import MISSING_RENDERERS
+
+    cfg, _ = run_dir
+    c = Collector(cfg)
+    cycle(c)
+    doc = Document()
+    make_doc(doc, c)
+    issues = check_integrity(list(doc.models))
+    assert issues.error == []
+    # the GPU plot has no lines on a host without GPUs; nothing else may warn
+    assert [w.code for w in issues.warning if w.code != MISSING_RENDERERS.code] == []
+    c.runner.close()
