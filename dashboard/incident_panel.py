@@ -50,10 +50,9 @@ class IncidentPanel:
         self.div.text = incident_html(self.collector.incident)
 
 
-def mount_incident_panel(doc: Document, collector: Any) -> IncidentPanel:
-    """The panel for ``doc``, refreshed from the collector's state; the caller adds ``panel.div`` (its own
-    root, below the page)."""
-    panel = IncidentPanel(collector)
+def mount_incident_panel(doc: Document, panel: IncidentPanel) -> IncidentPanel:
+    """Put ``panel`` into ``doc``, refreshed from the collector's state; the caller adds ``panel.div`` (its
+    own root, below the page)."""
     panel.refresh()
-    doc.add_periodic_callback(panel.refresh, int(collector.cfg.refresh * 1000))
+    doc.add_periodic_callback(panel.refresh, int(panel.collector.cfg.refresh * 1000))
     return panel

@@ -57,8 +57,10 @@ def _fig(title: str, x_label: str, *, datetime_x: bool = False, name: str) -> An
 class SessionView:
     """One browser session's models, and the update that feeds them from the collector."""
 
-    def __init__(self, doc: Document, collector: Collector) -> None:
-        self.doc = doc
+    def __init__(self, collector: Collector) -> None:
+        # The session's Document, once the view is put into one (dashboard.document make_doc): a view is
+        # built before its tab asks for it (dashboard.spare), and a bare one draws like a connected one.
+        self.doc: Document | None = None
         self.c = collector
         cfg = collector.cfg
         self.rollover = cfg.history_points
@@ -206,7 +208,7 @@ class SessionView:
     def _connected(self) -> bool:
         """False once the browser's websocket is gone: Bokeh keeps the session a while, but
         sending to it only fails (and logs) once per change. Bare Documents (tests) count as connected."""
-        ctx = self.doc.session_context
+        ctx = self.doc.session_context if self.doc is not None else None
         session = getattr(ctx, "session", None) if ctx is not None else None
         return session is None or session.connection_count > 0
 

@@ -53,8 +53,9 @@ def overlay_label(run_id: str) -> str:
 class RunsPanel:
     """One session's runs table, overlay selection and baseline pin."""
 
-    def __init__(self, doc: Document, collector: Any, plots: Any, *, storage_key: str) -> None:
-        self.doc = doc
+    def __init__(self, collector: Any, plots: Any, *, storage_key: str) -> None:
+        self.doc: Document | None = None  # the session's, once mounted (mount_runs_panel)
+        self.storage_key = storage_key
         self.collector = collector
         self.plots = plots
         self._seen = -1  # the collector's runs_serial last drawn
@@ -70,11 +71,6 @@ class RunsPanel:
                                options=[(BASELINE_NONE, "none")], name="runs_baseline", width=260)
         self.baseline.js_on_change("value", CustomJS(args={"key": storage_key}, code="""
             try { localStorage.setItem(key, cb_obj.value) } catch (e) {}"""))
-        doc.js_on_event("document_ready", CustomJS(args={"sel": self.baseline, "key": storage_key}, code="""
-            let v = null
-            try { v = localStorage.getItem(key) } catch (e) {}
-            const known = sel.options.some(o => (Array.isArray(o) ? o[0] : o) === v)
-            if (v && known && sel.value !== v) sel.value = v"""))
         self.source.selected.on_change("indices", lambda attr, old, new: self._select(new))
         self.baseline.on_change("value", lambda attr, old, new: self._pin(new))
         title = text_div(text="<b>Runs</b> (select rows to overlay them on the loss curve)")
@@ -115,7 +111,8 @@ class RunsPanel:
                 return
             self.plots.overlay(overlay_label(run_id), records, baseline=baseline)
 
-        self.doc.add_next_tick_callback(read_and_draw)
+        if self.doc is not None:
+            self.doc.add_next_tick_callback(read_and_draw)
 
     def _select(self, indices: list[int]) -> None:
         wanted = {self._runs[i].id for i in indices if i < len(self._runs)}
@@ -137,10 +134,22 @@ class RunsPanel:
             self._show(self._baseline, baseline=True)
 
 
-def mount_runs_panel(doc: Document, collector: Any, plots: Any) -> RunsPanel:
-    """Build the panel for the page's trainers (``plots``: the TrainingPlots) and refresh it after each of
-    the collector's refreshes (it reads only the collector's state); the caller adds ``panel.layout``."""
+def runs_panel(collector: Any, plots: Any) -> RunsPanel:
+    """The panel for the page's trainers (``plots``: the TrainingPlots), not yet in a Document."""
     cfg = collector.cfg
-    panel = RunsPanel(doc, collector, plots, storage_key=f"keel.baseline.{cfg.project}.{cfg.environment}")
-    doc.add_periodic_callback(panel.refresh, int(cfg.refresh * 1000))
+    return RunsPanel(collector, plots, storage_key=f"keel.baseline.{cfg.project}.{cfg.environment}")
+
+
+def mount_runs_panel(doc: Document, panel: RunsPanel) -> RunsPanel:
+    """Put ``panel`` into ``doc``: the baseline pin restored from the browser's localStorage when the page
+    is ready, the table refreshed after each of the collector's refreshes (it reads only the collector's
+    state); the caller adds ``panel.layout``."""
+    panel.doc = doc
+    doc.js_on_event("document_ready", CustomJS(args={"sel": panel.baseline, "key": panel.storage_key}, code="""
+        let v = null
+        try { v = localStorage.getItem(key) } catch (e) {}
+        const known = sel.options.some(o => (Array.isArray(o) ? o[0] : o) === v)
+        if (v && known && sel.value !== v) sel.value = v"""))
+    panel.refresh()
+    doc.add_periodic_callback(panel.refresh, int(panel.collector.cfg.refresh * 1000))
     return panel

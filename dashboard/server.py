@@ -15,6 +15,7 @@ import secrets
 import signal
 import sys
 import threading
+import time
 from typing import Any, Callable
 
 from bokeh.application import Application
@@ -22,8 +23,10 @@ from bokeh.application.handlers.function import FunctionHandler
 from bokeh.application.handlers.lifecycle import LifecycleHandler
 from bokeh.core.validation import silence
 from bokeh.core.validation.warnings import MISSING_RENDERERS
+from bokeh.document import Document
 from bokeh.server.server import Server
 from bokeh.settings import settings as bokeh_settings
+from tornado.ioloop import IOLoop
 
 from keel.logs import setup_logging
 from keel.status.reporter import ProcessReporter
@@ -33,18 +36,58 @@ from dashboard.collector import Collector
 from dashboard.config import ConfigError, DashboardConfig, check_bind, is_loopback, load_config
 from dashboard.hostcheck import install_on_server
 from dashboard.malloc import fix_mmap_threshold
-from dashboard.document import make_doc
+from dashboard.document import build_page, make_doc
+from dashboard.page import SessionView
+from dashboard.spare import SparePage
 
 log = logging.getLogger("dashboard.server")
 SHUTDOWN_DEADLINE = 10.0  # seconds; supervisord's stopwaitsecs should be longer
 
 
-class CollectorHooks(LifecycleHandler):
-    """Starts the shared collector when the server has loaded the application."""
+# The first spare page is built this long after the server loaded: after the collector's first read.
+FIRST_SPARE_AFTER_S = 1.0
 
-    def __init__(self, collector: Collector) -> None:
+
+class CollectorHooks(LifecycleHandler):
+    """Starts the shared collector when the server has loaded the application, then builds the first
+    spare page (dashboard.spare)."""
+
+    def __init__(self, collector: Collector, spare: SparePage[SessionView]) -> None:
         super().__init__()
-        self._on_server_loaded = lambda server_context: collector.start()
+
+        def loaded(server_context: Any) -> None:
+            collector.start()
+            spare.refill_soon(FIRST_SPARE_AFTER_S)
+
+        self._on_server_loaded = loaded
+
+
+def page_spare(collector: Collector) -> SparePage[SessionView]:
+    """The server's one spare page, built and refilled on the server's loop (the caller's: call it there)."""
+
+    def build() -> SessionView:
+        t0 = time.perf_counter()
+        view = build_page(collector)
+        ms = round((time.perf_counter() - t0) * 1000, 1)
+        log.info("spare page built in %.0f ms", ms, extra={"event": "spare_built", "ms": ms})
+        return view
+
+    return SparePage(build, lambda delay, fn: IOLoop.current().call_later(delay, fn))
+
+
+def tab_page(collector: Collector, spare: SparePage[SessionView]) -> Callable[[Document], None]:
+    """The application's page for a new tab: the spare's models put into the tab's Document (the next
+    spare is built once the whole page went out); logs how long the tab's request held the loop for it."""
+
+    def page(doc: Document) -> None:
+        t0 = time.perf_counter()
+        from_spare = spare.ready
+        make_doc(doc, collector, spare.take(), spare.refill_soon)
+        ms = round((time.perf_counter() - t0) * 1000, 1)
+        log.info("new tab's page in %.0f ms (%s)", ms, "spare" if from_spare else "built on request",
+                 extra={"event": "tab_page", "ms": ms, "from_spare": from_spare})
+
+    return page
 
 
 def websocket_origins(cfg: DashboardConfig) -> list[str]:
@@ -62,7 +105,8 @@ def websocket_origins(cfg: DashboardConfig) -> list[str]:
 def build_server(cfg: DashboardConfig, collector: Collector, auth: PasswordAuth | None = None) -> Server:
     """A Bokeh Server bound as configured, with the page at "/" (call inside a running loop); every
     request's Host header is checked against the same names as the websocket Origin (dashboard.hostcheck)."""
-    app = Application(FunctionHandler(lambda doc: make_doc(doc, collector)), CollectorHooks(collector))
+    spare = page_spare(collector)
+    app = Application(FunctionHandler(tab_page(collector, spare)), CollectorHooks(collector, spare))
     origins = websocket_origins(cfg)
     unused_ms = max(1, int(cfg.unused_session_lifetime * 1000))
     kwargs: dict[str, Any] = dict(

@@ -229,6 +229,33 @@ def test_serves_writes_own_status_and_exits_0_on_sigterm_with_a_session_open(tmp
     assert final["state"] == "stopped"
 
 
+def log_events(root: Path, event: str) -> list[dict]:
+    """The dashboard's JSON log records of one ``event`` (its stderr, as supervisord would keep it)."""
+    out = []
+    for line in (root / "dashboard.stderr").read_text(errors="replace").splitlines():
+        try:
+            rec = json.loads(line)
+        except ValueError:
+            continue
+        if isinstance(rec, dict) and rec.get("event") == event:
+            out.append(rec)
+    return out
+
+
+def test_each_new_tab_takes_a_page_built_ahead(tmp_path, reaper):
+    # dashboard.spare: one page is built after the server loads and again once a tab's whole page is in
+    # its Document (REST_AFTER_S without a browser to say it is ready): every tab here gets one
+    port = free_port()
+    cfg = write_config(tmp_path, port)
+    start_writer(reaper, tmp_path)
+    start_dashboard(reaper, cfg, port)
+    for tab in (1, 2):
+        wait_until(lambda: len(log_events(tmp_path, "spare_built")) >= tab, T, what=f"spare page {tab} built")
+        session_token(port)
+        pages = wait_until(lambda: log_events(tmp_path, "tab_page")[tab - 1:], T, what=f"tab {tab} served")
+        assert pages[0]["from_spare"] is True, pages
+
+
 def test_websocket_from_a_foreign_origin_is_refused(tmp_path, reaper):
     port = free_port()
     cfg = write_config(tmp_path, port)
