@@ -57,11 +57,15 @@ class BlockingRunner:
         self._abandoned: dict[str, tuple[float, concurrent.futures.Future]] = {}
         self._closed = False
 
-    async def run(self, fn: Callable[..., T], *args: Any, timeout: float, what: str = "") -> T:
+    async def run(self, fn: Callable[..., T], *args: Any, timeout: float, what: str = "",
+                  late: bool = False) -> T:
         """Run ``fn(*args)`` in the pool; return its result or raise (after logging) its exception.
 
         Raises ``BlockingTimeout`` after ``timeout`` seconds and ``StillRunning``
         while an earlier, timed-out run with the same ``what`` has not returned.
+        ``late``: once that earlier run has returned, the next call returns its result (and runs
+        nothing): for a read whose result is a delta (a tail's new records, read past for good by
+        the time it returns), which would be lost for good if dropped; a snapshot is just read again.
         """
         what = what or getattr(fn, "__qualname__", repr(fn))
         if self._closed:
@@ -72,6 +76,8 @@ class BlockingRunner:
             if not fut.done():
                 raise StillRunning(what, time.monotonic() - started)
             del self._abandoned[what]
+            if late and not fut.cancelled() and fut.exception() is None:
+                return fut.result()
         started = time.monotonic()
         cfut = self._pool.submit(fn, *args)
         afut = asyncio.wrap_future(cfut)

@@ -201,10 +201,11 @@ class Collector:
         reporter.set_state(State.RUNNING)
         self.reporter = reporter
 
-    async def _guard(self, what: str, fn: Callable[..., Any], *args: Any) -> Any:
-        """Run a blocking call; on any failure record it under ``what`` and return None."""
+    async def _guard(self, what: str, fn: Callable[..., Any], *args: Any, late: bool = False) -> Any:
+        """Run a blocking call; on any failure record it under ``what`` and return None. ``late``: a
+        call that timed out gives its result to the next one (BlockingRunner.run)."""
         try:
-            result = await self.runner.run(fn, *args, timeout=self.cfg.read_timeout, what=what)
+            result = await self.runner.run(fn, *args, timeout=self.cfg.read_timeout, what=what, late=late)
         except Exception as exc:  # noqa: BLE001 - BlockingTimeout, StillRunning, OSError, ...
             self._new_errors[what] = str(exc) if str(exc).startswith(what) else f"{what}: {exc}"
             return None
@@ -221,8 +222,9 @@ class Collector:
         names = self._metric_names()
         pids = sorted({s.pid for s in self._live_statuses() if s.host == self.host_name})
         metrics, events, sample, logs, runs, incident = await asyncio.gather(
-            self._guard("metrics", self.reader.metrics, names),
-            self._guard("events", self.reader.events),
+            # tails: a read that timed out has read past its records, so they come with the next cycle
+            self._guard("metrics", self.reader.metrics, names, late=True),
+            self._guard("events", self.reader.events, late=True),
             self._guard("resources", self.reader.sample, pids) if kind is Cycle.FULL else nothing(),
             self._guard("logs", self.reader.logs) if full else nothing(),
             self._guard("runs", self.reader.runs) if full else nothing(),

@@ -91,6 +91,38 @@ def test_timeout_then_still_running_then_late_outcome_logged(caplog):
     runner.close()
 
 
+def test_a_late_result_goes_to_the_next_call_when_asked_and_is_read_again_otherwise():
+    # a tail read that timed out has read past its records: dropping its result would lose them
+    runner = BlockingRunner()
+    release = threading.Event()
+    calls = []
+
+    def read(n):
+        calls.append(n)
+        if n == 1:
+            release.wait(5)
+        return [f"record {n}"]
+
+    async def main():
+        with pytest.raises(BlockingTimeout):
+            await runner.run(read, 1, timeout=0.1, what="metrics", late=True)
+        release.set()
+        await until(lambda: not runner.busy())
+        assert await runner.run(read, 2, timeout=5, what="metrics", late=True) == ["record 1"]
+        assert await runner.run(read, 3, timeout=5, what="metrics", late=True) == ["record 3"]
+        assert calls == [1, 3]  # the call that got the late result ran nothing
+        # without late (a snapshot): the late result is dropped and the call reads afresh
+        release.clear()
+        with pytest.raises(BlockingTimeout):
+            await runner.run(read, 1, timeout=0.1, what="scan")
+        release.set()
+        await until(lambda: not runner.busy())
+        assert await runner.run(read, 4, timeout=5, what="scan") == ["record 4"]
+
+    run(main())
+    runner.close()
+
+
 def test_no_task_exception_was_never_retrieved(caplog):
     """A failed task is logged when it fails; asyncio has nothing left to complain about."""
     seen: list[dict] = []

@@ -21,10 +21,18 @@ from tests.unit.test_dashboard_page import cycle, run_dir  # noqa: F401 - run_di
 class FlakyReader(RunDirReader):
     """The real reader, with one chosen operation made to hang or fail."""
 
-    def __init__(self, cfg, hang: threading.Event | None = None, fail_scan: bool = False):
+    def __init__(self, cfg, hang: threading.Event | None = None, fail_scan: bool = False,
+                 hang_metrics: threading.Event | None = None):
         super().__init__(cfg)
         self.hang = hang
         self.fail_scan = fail_scan
+        self.hang_metrics = hang_metrics
+
+    def metrics(self, names):
+        out = super().metrics(names)  # read past these records, then held (a slow disk, NFS)
+        if self.hang_metrics is not None and not self.hang_metrics.is_set():
+            self.hang_metrics.wait(60)
+        return out
 
     def sample(self, pids):
         if self.hang is not None and not self.hang.is_set():
@@ -59,6 +67,25 @@ def test_a_hung_read_is_an_error_on_the_page_and_the_rest_keeps_updating(run_dir
     wait_until(lambda: not c.runner.busy(), 30, what="the released sampler finished")
     cycle(c)
     assert "resources" not in c.errors
+    c.runner.close()
+
+
+def test_a_metrics_read_that_timed_out_loses_no_record(run_dir):
+    # the read went past the fixture's 30 records, then hung past read_timeout: its records come with
+    # the next cycle, and the records written meanwhile with the one after
+    cfg, rep = run_dir
+    release = threading.Event()
+    c = Collector(cfg, reader=FlakyReader(cfg, hang_metrics=release))
+    cycle(c)
+    assert "metrics" in c.runner.busy() and "trainer" not in c.metrics
+    assert "no answer after 1s" in c.errors["metrics"]
+    release.set()
+    wait_until(lambda: not c.runner.busy(), 30, what="the held metrics read finished")
+    rep.metrics([{"step": i, "loss": 1 / i} for i in range(31, 41)])
+    cycle(c)
+    assert len(c.metrics["trainer"]) == 30 and "metrics" not in c.errors
+    cycle(c)
+    assert list(c.metrics["trainer"].arrays()["step"]) == [float(i) for i in range(1, 41)]
     c.runner.close()
 
 

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import time
+
 import numpy as np
 from bokeh.document import Document
 from bokeh.events import RangesUpdate, Reset
@@ -25,7 +27,12 @@ def _session(tmp_path, records):
     rep.start({"run_id": "unit"})
     rep.metrics(records)
     c = Collector(cfg)
-    for _ in range(1 + len(records) // METRICS_PER_CYCLE):  # the reader catches up a cycle's worth at a time
+    # the reader catches up a cycle's worth at a time (a read that timed out on a loaded box, with the next)
+    for _ in range(1 + len(records) // METRICS_PER_CYCLE):
+        cycle(c)
+    deadline = time.monotonic() + 60
+    while "trainer" not in c.metrics or len(c.metrics["trainer"]) < len(records):
+        assert time.monotonic() < deadline, f"the reader did not catch up: {c.errors}"
         cycle(c)
     assert len(c.metrics["trainer"]) == len(records)
     doc = Document()
