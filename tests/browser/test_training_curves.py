@@ -222,16 +222,19 @@ def test_x_axis_choice_and_a_box_zoom_are_redrawn_by_the_server(tmp_path, chromi
         page.evaluate("""() => { const p = Bokeh.documents[0].get_model_by_name('loss_plot');
                          p.toolbar.active_drag = p.toolbar.tools.find(t => t.type === 'BoxZoomTool'); }""")
         box = page.evaluate(_PLOT_BOX, "loss_plot")
+        whole = _x_range(page, "loss_plot")
         page.mouse.move(box["left"] + 0.3 * box["width"], box["top"] + 0.05 * box["height"])
         page.mouse.down()
         page.mouse.move(box["left"] + 0.6 * box["width"], box["top"] + 0.95 * box["height"], steps=8)
         page.mouse.up()
-        lo, hi = _x_range(page, "loss_plot")
+        # the zoomed range, once the plot holds it (read before, a busy page gave the whole run's)
+        lo, hi = wait_until(lambda: (r := _x_range(page, "loss_plot")) != whole and r[1] - r[0] < 0.5 * (
+            whole[1] - whole[0]) and r, T, what="the box zoom applied")
 
         def windowed():  # the server sent only the visible range: every point inside, one beyond each edge
             x = _series(page, "metrics:trainer")["x"]
             return len(x) > 5 and x[0] <= lo < x[1] and x[-2] <= hi <= x[-1] and x
-        x = wait_until(windowed, T, what="the zoomed range redrawn by the server")
+        x = wait_until(windowed, T, what=f"the zoomed range {lo:.1f}-{hi:.1f} redrawn by the server")
         assert all(b - a == 1 for a, b in zip(x, x[1:])), "a zoomed range shows every step"
         page.evaluate("() => new Promise(r => requestAnimationFrame(() => requestAnimationFrame(() => r(true))))")
         page.screenshot(path=str(art / "6-zoomed.png"), full_page=True)
