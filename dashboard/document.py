@@ -45,9 +45,10 @@ def make_doc(doc: Document, collector: Collector, view: SessionView | None = Non
     the loss line showed, 0.4 s of it building views, 0.3 s laying out). A bare Document (tests, an
     export) gets everything at once."""
     if view is None:
-        view = build_page(collector)
+        view = build_page(collector)  # up to date: its constructor ran the update
+    else:
+        view.update()  # a view built ahead holds what the collector held then
     view.doc = doc
-    view.update()  # a view built ahead holds what the collector held then
     doc.title = f"{collector.cfg.project} · {collector.cfg.environment}"
     mount_runs_panel(doc, view.runs)
     mount_incident_panel(doc, view.incident)

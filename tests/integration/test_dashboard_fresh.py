@@ -3,13 +3,12 @@
 from __future__ import annotations
 
 import http.client
-import json
 import re
 
 import pytest
 
 from tests.browser.test_dashboard_page import CHROMIUM_ARGS
-from tests.integration.test_dashboard_server import T, start_dashboard, start_writer, write_config
+from tests.integration.test_dashboard_server import T, log_events, start_dashboard, start_writer, write_config
 from tests.support import free_port, wait_until
 
 pytestmark = pytest.mark.slow
@@ -29,11 +28,7 @@ def get(port: int, host: str | None, path: str = "/") -> tuple[int, str]:
 
 
 def refusals(cfg) -> list[dict]:
-    out = []
-    for line in (cfg.parent / "dashboard.stderr").read_text().splitlines():
-        if '"host_refused"' in line:
-            out.append(json.loads(line))
-    return out
+    return log_events(cfg.parent, "host_refused")
 
 
 def test_a_foreign_host_header_gets_403_and_a_log_line(tmp_path, reaper):
