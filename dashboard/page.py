@@ -237,7 +237,7 @@ class SessionView:
         self._set(self.events, pre_html(list(reversed(self._event_lines))) if self._event_lines
                   else f"<i style='color:{GREY}'>no watchdog events yet</i>")
         self._set(self.logs, self._derived("logs", lambda: "".join(
-            f"<div><b>{esc(name)}</b>{pre_html(lines)}</div>" for name, lines in sorted(c.logs.items())
+            f"<div><b>{esc(name)}</b>{pre_html(lines, newest_last=True)}</div>" for name, lines in sorted(c.logs.items())
         ) or f"<i style='color:{GREY}'>no log files configured (no stack file?)</i>"))
 
     def _update_plots(self) -> None:

@@ -268,10 +268,16 @@ def key_html(keys: list[tuple[str, str]]) -> str:
                     for color, label in keys)
 
 
-def pre_html(lines: list[str]) -> str:
-    """Lines as a scrolling preformatted block, escaped."""
+def pre_html(lines: list[str], *, newest_last: bool = False) -> str:
+    """Lines as a scrolling preformatted block, escaped. ``newest_last`` (a log, oldest line first): the
+    block opens scrolled to its end, where the newest lines are, like ``tail``; a plain scroll box
+    opens at its top, and a log longer than the box showed only its oldest lines, as if stale. The
+    reversed flex column is what anchors the scroll at the end: plain CSS, no script in the page."""
     body = "\n".join(esc(x) for x in lines)
-    return f"<pre style='font-size:85%;max-height:260px;overflow:auto;margin:2px 0'>{body}</pre>"
+    if not newest_last:
+        return f"<pre style='font-size:85%;max-height:260px;overflow:auto;margin:2px 0'>{body}</pre>"
+    return ("<div class='keel-log-box' style='max-height:260px;overflow:auto;display:flex;"
+            f"flex-direction:column-reverse;margin:2px 0'><pre style='font-size:85%;margin:0'>{body}</pre></div>")
 
 
 def status_kind(r: ProcessStatus | ReadError | None) -> str | None:

@@ -30,7 +30,7 @@ def stack(tmp_path_factory):
     """A run dir fed by a writer, and the dashboard serving it."""
     root = tmp_path_factory.mktemp("dash")
     port = free_port()
-    cfg = write_config(root, port, refresh=1.0, heartbeat_timeout=5.0)
+    cfg = write_config(root, port, refresh=1.0, heartbeat_timeout=5.0, log_tail_lines=40)
     reaper = ProcessReaper()
     try:
         state = {"root": root, "port": port, "reaper": reaper}
@@ -176,6 +176,43 @@ def test_keeps_updating_after_status_files_are_deleted_and_recreated(page, stack
     first_new = wait_until(lambda: (v := last_value(page, "metrics:trainer")) is not None and v < last_old and v,
                            T, what="the new run's first points")
     wait_until(lambda: last_value(page, "metrics:trainer") >= first_new + 10, T, what="points after recreate")
+
+
+# Where the newest log line is, against the scroll box that holds it, as the browser lays them out.
+_NEWEST_LINE_BOX = """(marker) => {
+    for (const host of document.querySelectorAll('.keel-logs')) {
+        const root = host.shadowRoot || host;
+        for (const pre of root.querySelectorAll('pre')) {
+            const box = pre.closest('.keel-log-box') || pre, text = pre.firstChild;  // the box that scrolls
+            const at = text ? text.data.indexOf(marker) : -1;
+            if (at < 0) continue;
+            const range = document.createRange();
+            range.setStart(text, at);
+            range.setEnd(text, at + marker.length);
+            const line = range.getBoundingClientRect(), view = box.getBoundingClientRect();
+            return {line_top: line.top, line_bottom: line.bottom, box_top: view.top, box_bottom: view.bottom,
+                    overflows: box.scrollHeight > box.clientHeight + 1};
+        }
+    }
+    return null;
+}"""
+
+
+def test_a_long_log_opens_at_its_newest_line(page, stack):
+    """40 lines do not fit the log box: it must show its end, as ``tail`` does, not its oldest lines
+    (which read as a stale log: found by looking at a screenshot of ``make run``)."""
+    log = stack["root"] / "log" / "watchdog.log"  # no process of this stack writes it
+    marker = f"newest line {os.getpid()}"
+    with open(log, "a") as f:
+        f.writelines(f"older line {i}\n" for i in range(60))
+        f.write(marker + "\n")
+    try:
+        at = wait_until(lambda: page.evaluate(_NEWEST_LINE_BOX, marker), T, what="the newest log line on the page")
+        assert at["overflows"], at  # the box is too short for the log: what it opens at matters
+        assert at["box_top"] <= at["line_top"] and at["line_bottom"] <= at["box_bottom"] + 1, \
+            f"the newest log line is scrolled out of its box: {at}"
+    finally:
+        log.unlink()
 
 
 def test_screenshot_is_not_blank(page, tmp_path):

@@ -36,14 +36,15 @@ T = 60
 
 
 def write_config(root: Path, port: int, *, origins: list[str] | None = None, auth: dict | None = None,
-                 refresh: float = 0.3, history_points: int = 500, heartbeat_timeout: float = 3.0) -> Path:
+                 refresh: float = 0.3, history_points: int = 500, heartbeat_timeout: float = 3.0,
+                 log_tail_lines: int = 5) -> Path:
     """`root/dashboard.json` and `root/keel.json` (trainer, dashboard, watchdog), by the real resolver."""
     (root / "run").mkdir(parents=True, exist_ok=True)
     (root / "log").mkdir(parents=True, exist_ok=True)
     health = {"heartbeat_interval": 0.5, "heartbeat_timeout": heartbeat_timeout,
               "progress_timeout": 10.0, "startup_grace": 5.0}
     dashboard: dict = {"kind": "dashboard", "port": port, "refresh": refresh, "history_points": history_points,
-                       "log_tail_lines": 5, "keep_alive": 5.0, "unused_session_lifetime": 15.0, "health": health}
+                       "log_tail_lines": log_tail_lines, "keep_alive": 5.0, "unused_session_lifetime": 15.0, "health": health}
     if origins is not None:
         dashboard["allow_origins"] = origins
     if auth is not None:
