@@ -54,6 +54,11 @@ def encode_record(record: dict) -> bytes:
     return line.encode() + b"\n"
 
 
+# Ends a cut line that could not be trimmed away: after a JSON object, or inside one, no line parses
+# with it, so a reader counts the line as corrupt rather than taking it for a record.
+CUT_LINE_END = b"#\n"
+
+
 class JsonlWriter:
     """Append-only JSON lines with size rotation (path -> path.1 -> ... -> path.<backups>).
 
@@ -80,20 +85,37 @@ class JsonlWriter:
         except OSError as exc:
             raise StatusWriteError(exc, self.path, "open log") from exc
         try:
-            size = os.fstat(fd).st_size
-            if size:
-                # A writer killed mid-write (EFBIG, ENOSPC) may have left a cut line:
-                # end it, so the next record starts on its own line.
-                with open(self.path, "rb") as f:
-                    f.seek(size - 1)
-                    if f.read(1) != b"\n":
-                        write_all(self._ops, fd, b"\n")
-                        size += 1
+            size = self._drop_cut_line(fd, os.fstat(fd).st_size)
         except OSError as exc:
             os.close(fd)
             raise StatusWriteError(exc, self.path, "open log") from exc
         self._fd, self._pid, self._size = fd, os.getpid(), size
         return fd
+
+    def _drop_cut_line(self, fd: int, size: int) -> int:
+        """The file's size once a cut last line is gone: a writer killed mid-write (SIGKILL, EFBIG,
+        ENOSPC) leaves a line without its newline, and a line is a record only with it. Ending it
+        with a newline instead made a line cut just before its newline a whole record, which the
+        next writer (resuming from what readers had seen) wrote again: a repeat. No reader is past
+        the cut line (JsonlTail holds a line back until its newline), so trimming it moves none.
+        A file that cannot be trimmed gets the line ended with ``#``, which no JSON line parses with."""
+        keep, end = size, size
+        with open(self.path, "rb") as f:
+            while end > 0:
+                start = max(0, end - (64 << 10))
+                f.seek(start)
+                nl = f.read(end - start).rfind(b"\n")
+                if nl >= 0:
+                    keep = start + nl + 1
+                    break
+                end, keep = start, 0
+        if keep == size:
+            return size
+        try:
+            self._ops.ftruncate(fd, keep)
+            return keep
+        except OSError:
+            return size + write_all(self._ops, fd, CUT_LINE_END)
 
     def _rotate(self) -> None:
         ops = self._ops
@@ -159,7 +181,7 @@ class JsonlWriter:
                 self._ops.ftruncate(fd, os.fstat(fd).st_size - (written - keep))
                 written = keep
             except OSError:
-                # The cut line stays; reopening ends it with a newline (see _open).
+                # The cut line stays; reopening trims it, or ends it unparseable (_drop_cut_line).
                 self._close_fd()
         self._size += written
         return data.count(b"\n", 0, keep)

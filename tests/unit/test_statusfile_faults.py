@@ -20,7 +20,7 @@ import pytest
 
 from keel.status.models import State
 from keel.fs.osops import OsOps
-from keel.status.jsonl import JsonlWriter
+from keel.status.jsonl import JsonlWriter, encode_record
 from keel.status.jsonl_tail import JsonlTail
 from keel.status.reader import StatusReader
 from keel.status.results import StatusWriteError
@@ -199,27 +199,64 @@ def test_real_efbig_in_log_cuts_no_record(tmp_path):
     assert [r["step"] for r in tail.read_new()] == [0, 2] and tail.corrupt_lines == 0
 
 
-def test_cut_line_that_cannot_be_trimmed_is_ended_by_the_next_append(tmp_path):
-    class CutThenNoTruncate(OsOps):
-        def write(self, fd, data):
-            if len(data) > 20:  # the batch: half of it lands, then the disk is full
-                n = os.write(fd, bytes(data[: len(data) // 2]))
-                if n:
-                    return n
-            raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC))
+class _NoTruncate(OsOps):
+    def ftruncate(self, fd, length):
+        raise OSError(errno.EIO, os.strerror(errno.EIO))
 
-        def ftruncate(self, fd, length):
-            raise OSError(errno.EIO, os.strerror(errno.EIO))
 
-    log = tmp_path / "trainer.metrics.jsonl"
-    w = JsonlWriter(log, ops=CutThenNoTruncate())
+class _CutThenNoTruncate(_NoTruncate):
+    def write(self, fd, data):
+        if len(data) > 20:  # the batch: half of it lands, then the disk is full
+            n = os.write(fd, bytes(data[: len(data) // 2]))
+            if n:
+                return n
+        raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC))
+
+
+def _cut_by_a_full_disk(log) -> None:
+    w = JsonlWriter(log, ops=_CutThenNoTruncate())
     with pytest.raises(StatusWriteError) as e:
         w.append_many([{"step": 1}, {"step": 2, "pad": "p" * 40}])
     assert e.value.errno == errno.ENOSPC and e.value.records_written == 1
-    with JsonlWriter(log) as jw:  # a new writer ends the cut line before appending
+    assert not log.read_bytes().endswith(b"\n")  # the cut line stayed
+
+
+def test_cut_line_that_its_writer_could_not_trim_is_trimmed_by_the_next(tmp_path):
+    log = tmp_path / "trainer.metrics.jsonl"
+    _cut_by_a_full_disk(log)
+    with JsonlWriter(log) as jw:
+        jw.append({"step": 3})
+    tail = JsonlTail(log)
+    assert [r["step"] for r in tail.read_new()] == [1, 3] and tail.corrupt_lines == 0
+    assert log.read_bytes() == encode_record({"step": 1}) + encode_record({"step": 3})
+
+
+def test_cut_line_that_no_writer_can_trim_is_ended_unparseable(tmp_path):
+    log = tmp_path / "trainer.metrics.jsonl"
+    _cut_by_a_full_disk(log)
+    with JsonlWriter(log, ops=_NoTruncate()) as jw:  # ends the cut line before appending
         jw.append({"step": 3})
     tail = JsonlTail(log)
     assert [r["step"] for r in tail.read_new()] == [1, 3] and tail.corrupt_lines == 1
+
+
+def test_a_line_cut_just_before_its_newline_is_not_a_record(tmp_path):
+    """A writer SIGKILLed between a line's last brace and its newline leaves a whole JSON object
+    without its end: the next writer, resuming from what a reader saw, writes that record again.
+    Ended with a newline, the cut line would be read as a record too: a repeat (found by the
+    1,000-SIGKILL torture test, "after [910] got 910")."""
+    log = tmp_path / "trainer.metrics.jsonl"
+    with JsonlWriter(log) as jw:
+        jw.append({"i": 0})
+    with open(log, "ab") as f:
+        f.write(encode_record({"i": 1})[:-1])  # all but the newline
+    tail = JsonlTail(log)
+    assert [r["i"] for r in tail.read_new()] == [0]  # the cut line is held back
+    with JsonlWriter(log) as jw:  # the resumed writer: the reader saw up to 0
+        jw.append({"i": 1})
+        jw.append({"i": 2})
+    assert [r["i"] for r in tail.read_new()] == [1, 2] and tail.corrupt_lines == 0
+    assert [r["i"] for r in JsonlTail(log).read_new()] == [0, 1, 2]
 
 
 @contextmanager
