@@ -15,7 +15,7 @@ from typing import Any, Callable, TypeVar
 
 import psutil
 
-from keel.control.base import NoSuchProcess, NotRunning, ProcessInfo
+from keel.control.base import BackendExit, NoSuchProcess, NotRunning, ProcessInfo
 
 REPO_ROOT = Path(__file__).resolve().parent.parent
 PYTHON = sys.executable
@@ -168,7 +168,7 @@ class FakeBackend:
         if self.on_start is not None:
             info.pid = self.on_start(name)
 
-    def last_exit(self, name: str, pid: int | None) -> tuple[int | None, str | None] | None:
+    def last_exit(self, name: str, pid: int | None) -> BackendExit | None:
         return None  # ProcessInfo's exit_status/exit_signal is all this backend knows
 
     def status(self) -> dict[str, ProcessInfo]:

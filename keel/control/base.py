@@ -19,9 +19,10 @@ from __future__ import annotations
 import signal as _signal
 import time
 from dataclasses import dataclass
-from typing import Callable, Protocol, TypeVar
+from typing import Callable, NamedTuple, Protocol, TypeVar
 
 __all__ = [
+    "BackendExit",
     "BackendUnavailable",
     "ControlBackend",
     "ControlError",
@@ -74,6 +75,17 @@ class ProcessInfo:
     exit_signal: str | None = None  # "SIGKILL": the signal that ended the last run, where the backend says (systemd)
 
 
+class BackendExit(NamedTuple):
+    """How the backend's own record says a run ended: its exit code or killing signal, and whether the
+    backend itself stopped it (supervisord writes "stopped:" only for a stop it made: an operator's
+    ``supervisorctl stop``, ``bin/launch down`` or ``stop``, the watchdog's restart; a run that died of
+    a signal from elsewhere is "exited:"). The one fact left once the backend runs the next run."""
+
+    exit_code: int | None
+    signal: str | None
+    stopped: bool = False
+
+
 class ControlBackend(Protocol):
     """What the watchdog and the tools use to act on a stack's processes.
 
@@ -95,8 +107,8 @@ class ControlBackend(Protocol):
     def stop(self, name: str) -> None: ...
     def restart(self, name: str) -> None: ...
     def signal(self, name: str, sig: int) -> None: ...
-    def last_exit(self, name: str, pid: int | None) -> tuple[int | None, str | None] | None:
-        """(exit code, signal) of run ``pid`` when the backend keeps more than ``ProcessInfo`` says; else None."""
+    def last_exit(self, name: str, pid: int | None) -> BackendExit | None:
+        """How run ``pid`` ended when the backend keeps more than ``ProcessInfo`` says; else None."""
         ...
     def apply(self) -> list[str]: ...
     def start_all(self) -> list[str]: ...

@@ -21,6 +21,7 @@ from typing import Any, Mapping
 
 from keel.control.base import (
     STARTABLE_STATES,
+    BackendExit,
     BackendUnavailable,
     ControlError,
     NoSuchProcess,
@@ -161,8 +162,8 @@ class SupervisordBackend:
     def signal(self, name: str, sig: int) -> None:
         self._call("signalProcess", self._program(name), signal_name(sig), process=name)
 
-    def last_exit(self, name: str, pid: int | None, size: int = 65536) -> tuple[int | None, str | None] | None:
-        """(exit code, signal) of ``name``'s run ``pid`` from the end of supervisord's own log, or None.
+    def last_exit(self, name: str, pid: int | None, size: int = 65536) -> BackendExit | None:
+        """How ``name``'s run ``pid`` ended, from the end of supervisord's own log, or None.
 
         Its "exited: ... (terminated by SIGKILL)" lines say how a run ended, which getProcessInfo
         does not (exitstatus -1 for any signal)."""
@@ -300,14 +301,15 @@ class SupervisordBackend:
 
 
 _SPAWNED = re.compile(r"spawned: '(?P<prog>[^']+)' with pid (?P<pid>\d+)")
-_ENDED = re.compile(r"(?:exited|stopped): (?P<prog>\S+) \((?P<how>[^;)]*)")
+_ENDED = re.compile(r"(?P<word>exited|stopped): (?P<prog>\S+) \((?P<how>[^;)]*)")
 
 
-def parse_supervisord_exit(log_text: str, program: str, pid: int | None) -> tuple[int | None, str | None] | None:
-    """(exit code, signal) of ``program``'s run ``pid`` from supervisord's log, or None when not found.
+def parse_supervisord_exit(log_text: str, program: str, pid: int | None) -> BackendExit | None:
+    """How ``program``'s run ``pid`` ended, from supervisord's log, or None when not found.
 
     The run's line is the first "exited:"/"stopped:" line of the program after its
-    "spawned: ... with pid N" line (pid None: the program's last such line).
+    "spawned: ... with pid N" line (pid None: the program's last such line); "stopped:" is
+    supervisord's word for a run it stopped itself (``Subprocess.finish`` with ``killing`` set).
     """
     lines = log_text.splitlines()
     start = 0
@@ -320,9 +322,10 @@ def parse_supervisord_exit(log_text: str, program: str, pid: int | None) -> tupl
     found = [m for line in lines[start:] if (m := _ENDED.search(line)) and m["prog"] == program]
     if not found:
         return None
-    how = (found[0] if pid is not None else found[-1])["how"]
+    line = found[0] if pid is not None else found[-1]
+    how, stopped = line["how"], line["word"] == "stopped"
     if m := re.match(r"exit status (-?\d+)", how):
-        return int(m.group(1)), None
+        return BackendExit(int(m.group(1)), None, stopped)
     if m := re.match(r"terminated by (SIG[A-Z0-9]+)", how):
-        return None, m.group(1)
-    return None
+        return BackendExit(None, m.group(1), stopped)
+    return BackendExit(None, None, True) if stopped else None

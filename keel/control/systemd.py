@@ -9,7 +9,7 @@ import signal as _signal
 import subprocess
 from typing import Iterable, Mapping
 
-from keel.control.base import BackendUnavailable, ControlError, NoSuchProcess, NotRunning, ProcessInfo
+from keel.control.base import BackendExit, BackendUnavailable, ControlError, NoSuchProcess, NotRunning, ProcessInfo
 
 __all__ = ["SystemdBackend"]
 
@@ -123,7 +123,7 @@ class SystemdBackend:
         self._run(["reset-failed", self._unit(name)], name)
         self._run(["restart", "--no-block", self._unit(name)], name)
 
-    def last_exit(self, name: str, pid: int | None) -> tuple[int | None, str | None] | None:
+    def last_exit(self, name: str, pid: int | None) -> BackendExit | None:
         return None  # ExecMainCode/ExecMainStatus are in ProcessInfo already (exit_status, exit_signal)
 
     def signal(self, name: str, sig: int) -> None:

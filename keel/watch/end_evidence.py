@@ -4,7 +4,8 @@ Sources, each optional (a backend or host may not say):
 
 - the backend: its state when the end was noticed, and the exit code or killing
   signal (supervisord: its own log's "exited: <program> (terminated by SIGKILL...)"
-  line after the run's "spawned: ... with pid N", through ``ControlBackend.last_exit``; systemd:
+  line after the run's "spawned: ... with pid N", through ``ControlBackend.last_exit``;
+  "stopped:" there is supervisord's own stop, an operator's, told even once the next run is up; systemd:
   ExecMainCode/ExecMainStatus in ``ProcessInfo.exit_signal``/``exit_status``);
 - the process's own exit record (``keel.status.exits``), only when it names the pid;
 - the last status of that pid (its ``last_error``);
@@ -23,7 +24,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Iterable
 
-from keel.control.base import ControlError, ProcessInfo
+from keel.control.base import BackendExit, ControlError, ProcessInfo
 from keel.host.sampling import ResourceSample
 from keel.status.exits import read_exit_record
 from keel.status.models import ProcessStatus
@@ -96,7 +97,7 @@ def track(t: RunTrack, pid: int | None, sample: ResourceSample | None) -> None:
         t.rss_bytes = tree.rss_bytes
 
 
-def _backend_exit(backend: Any, name: str, info: ProcessInfo | None, pid: int | None) -> tuple[int | None, str | None]:
+def _backend_exit(backend: Any, name: str, info: ProcessInfo | None, pid: int | None) -> BackendExit:
     try:
         found = backend.last_exit(name, pid)  # the backend's own record of that run (supervisord: its log)
     except ControlError:
@@ -104,11 +105,11 @@ def _backend_exit(backend: Any, name: str, info: ProcessInfo | None, pid: int | 
     if found is not None:
         return found
     if info is None or info.state not in ("EXITED", "STOPPED", "FATAL"):
-        return None, None  # a restarting backend's exit status belongs to no run yet
+        return BackendExit(None, None)  # a restarting backend's exit status belongs to no run yet
     if info.exit_signal is not None:
-        return None, info.exit_signal
+        return BackendExit(None, info.exit_signal)
     code = info.exit_status
-    return (None, None) if code is None or code < 0 else (code, None)
+    return BackendExit(None, None) if code is None or code < 0 else BackendExit(code, None)
 
 
 def evidence(
@@ -122,7 +123,8 @@ def evidence(
         record = read_exit_record(run_dir, status_name, pid)
         if record is not None:
             break
-    exit_code, sig = (None, None) if watchdog_action else _backend_exit(backend, name, info, pid)
+    said = BackendExit(None, None) if watchdog_action else _backend_exit(backend, name, info, pid)
+    exit_code, sig = said.exit_code, said.signal
     if exit_code is None and sig is None and record is not None:
         exit_code = record.exit_code
     last_error = next((s.last_error for s in statuses if isinstance(s, ProcessStatus) and s.pid == pid), None)
@@ -131,7 +133,8 @@ def evidence(
         now = oom_kill_count(run.cgroup)
         oom = None if now is None else max(0, now - run.oom_at_start)
     return EndEvidence(
-        pid=pid, backend_state=info.state if info is not None else None, exit_code=exit_code, signal=sig,
+        pid=pid, backend_state=info.state if info is not None else None, backend_stopped=said.stopped,
+        exit_code=exit_code, signal=sig,
         step=record.step if record else None, exception=record.exception if record else None,
         traceback=record.traceback if record else None, stop_signal=record.stop_signal if record else None,
         has_record=record is not None, last_error=last_error, watchdog_action=watchdog_action,

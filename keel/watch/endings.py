@@ -55,6 +55,9 @@ class EndEvidence:
 
     pid: int | None = None
     backend_state: str | None = None  # the backend's state when the end was noticed
+    # the backend's own record says it stopped the run itself (keel.control.base.BackendExit.stopped): what
+    # still tells an operator's stop once the backend runs the next run (a stack brought down and up again)
+    backend_stopped: bool = False
     exit_code: int | None = None  # the backend's (or the record's) exit code; None: unknown or a signal
     signal: str | None = None  # "SIGKILL": the signal that killed it, as the backend reports it
     step: int | None = None  # from the process's exit record
@@ -119,7 +122,7 @@ def classify(ev: EndEvidence) -> EndState:
         if ev.watchdog_rule == "heartbeat_stale":
             return end(End.FROZEN, f"frozen: killed by the watchdog ({why})")
         return end(End.RESTARTED, f"restarted by the watchdog ({why})")
-    if ev.backend_state in ("STOPPED", "STOPPING"):
+    if ev.backend_state in ("STOPPED", "STOPPING") or ev.backend_stopped:
         return end(End.STOPPED, f"stopped by an operator{_at(ev.step)}")
     if ev.exception is not None:
         code = f" (exit code {ev.exit_code})" if ev.exit_code is not None else ""

@@ -165,3 +165,23 @@ def test_every_end_this_machine_can_produce_is_shown_the_same_way_everywhere(sta
     # Each end was classified once: no process has a second, different end for the same run.
     for name in ("clean", "crash", "killed", "preempted", "operator"):
         assert len(s.events(name, "ended")) == 1, s.events(name, "ended")
+
+
+def test_a_run_stopped_with_the_stack_is_an_operator_stop_once_the_stack_is_back(stack, reaper):
+    """``bin/launch down`` then ``up`` (``make stop``, ``make run``): the watchdog, stopped with the rest,
+    tells the end of the run it was watching when it comes back, and the backend then runs a new run.
+    supervisord's log still says it stopped that run itself: an operator's stop, not a preemption
+    (which is what the run's own record, "obeyed SIGTERM", said alone: the page and keel.prom showed
+    every ``make stop`` as one)."""
+    s = stack({"w": worker("ok")})
+    pid = wait_until(lambda: (e := _published(s.run_dir, "w")) is not None and e.pid is not None
+                     and e.pid == s.running_pid("w") and e.pid, 30, what="the watchdog judged w's run")
+    backend = SupervisordBackend(str(s.sock), {n: p["program"] for n, p in s.keel["processes"].items()})
+    backend.stop("watchdog")  # first: it must not see w stop (stopped all at once, it sometimes does)
+    backend.shutdown()
+    s.proc.wait(timeout=30)
+    s.start(reaper)
+    ev = wait_until(lambda: [e for e in s.events("w", "ended") if e["pid"] == pid], 60, what="w's run ended")[0]
+    assert ev["end"] == "stopped" and ev["reason"] == "stopped by an operator", ev
+    entry = wait_until(lambda: (e := _published(s.run_dir, "w")) and e.end and e, 15, what="w's end published")
+    assert entry.end == "stopped"

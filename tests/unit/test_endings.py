@@ -30,6 +30,9 @@ MIB = 2**20
     (EndEvidence(pid=1, signal="SIGTERM"), End.PREEMPTED, "preempted: SIGTERM from outside the stack"),
     (EndEvidence(pid=1, backend_state="STOPPED", exit_code=0, has_record=True, stop_signal="SIGTERM"), End.STOPPED,
      "stopped by an operator"),
+    # told once the backend runs the next run (the stack brought down and up): its own record of the stop
+    (EndEvidence(pid=1, backend_state="RUNNING", backend_stopped=True, exit_code=0, has_record=True,
+                 stop_signal="SIGTERM", step=9), End.STOPPED, "stopped by an operator at step 9"),
     (EndEvidence(pid=1, watchdog_action="restart", watchdog_rule="progress_stale", watchdog_reason="progress 3s old"),
      End.HUNG, "hung: killed by the watchdog (progress 3s old)"),
     (EndEvidence(pid=1, watchdog_action="restart", watchdog_rule="heartbeat_stale", watchdog_reason="heartbeat 3s old"),
@@ -68,12 +71,12 @@ SUPERVISORD_LOG = """\
 
 
 @pytest.mark.parametrize("program, pid, expected", [
-    ("kt-w1", 100, (None, "SIGKILL")),
-    ("kt-w1", 200, (1, None)),
-    ("kt-w2", 201, (0, None)),
-    ("kt-w1", 300, (None, "SIGTERM")),
+    ("kt-w1", 100, (None, "SIGKILL", False)),
+    ("kt-w1", 200, (1, None, False)),
+    ("kt-w2", 201, (0, None, False)),
+    ("kt-w1", 300, (None, "SIGTERM", True)),  # "stopped:": supervisord stopped it itself
     ("kt-w1", 999, None),  # a run the log does not hold (rotated away)
-    ("kt-w1", None, (None, "SIGTERM")),
+    ("kt-w1", None, (None, "SIGTERM", True)),
 ])
 def test_supervisords_log_says_how_each_run_ended(program, pid, expected):
     assert parse_supervisord_exit(SUPERVISORD_LOG, program, pid) == expected
