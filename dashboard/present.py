@@ -273,11 +273,11 @@ def pre_html(lines: list[str], *, newest_last: bool = False) -> str:
     block opens scrolled to its end, where the newest lines are, like ``tail``; a plain scroll box
     opens at its top, and a log longer than the box showed only its oldest lines, as if stale. The
     reversed flex column is what anchors the scroll at the end: plain CSS, no script in the page."""
-    body = "\n".join(esc(x) for x in lines)
+    body, box = "\n".join(esc(x) for x in lines), "max-height:260px;overflow:auto;margin:2px 0"
     if not newest_last:
-        return f"<pre style='font-size:85%;max-height:260px;overflow:auto;margin:2px 0'>{body}</pre>"
-    return ("<div class='keel-log-box' style='max-height:260px;overflow:auto;display:flex;"
-            f"flex-direction:column-reverse;margin:2px 0'><pre style='font-size:85%;margin:0'>{body}</pre></div>")
+        return f"<pre style='font-size:85%;{box}'>{body}</pre>"
+    return (f"<div class='keel-log-box' style='{box};display:flex;flex-direction:column-reverse'>"
+            f"<pre style='font-size:85%;margin:0'>{body}</pre></div>")
 
 
 def status_kind(r: ProcessStatus | ReadError | None) -> str | None:

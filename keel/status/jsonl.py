@@ -99,8 +99,13 @@ class JsonlWriter:
         next writer (resuming from what readers had seen) wrote again: a repeat. No reader is past
         the cut line (JsonlTail holds a line back until its newline), so trimming it moves none.
         A file that cannot be trimmed gets the line ended with ``#``, which no JSON line parses with."""
+        if not size:
+            return size
         keep, end = size, size
         with open(self.path, "rb") as f:
+            f.seek(size - 1)
+            if f.read(1) == b"\n":
+                return size  # the common case: one byte read, at every open
             while end > 0:
                 start = max(0, end - (64 << 10))
                 f.seek(start)

@@ -12,6 +12,7 @@ import json
 import os
 import shutil
 import signal
+import time
 from pathlib import Path
 
 import pytest
@@ -113,27 +114,24 @@ def _plain(code: str, policy: str = "never") -> dict:
             "stop": {"timeout": "2s"}, "startsecs": "1s"}
 
 
-# Waits until the watchdog has published this process's run (its pid): a run that ends before the
-# watchdog first looks at it has no tracked run to end (its first poll finds it already EXITED), and
-# on a loaded box the watchdog can start later than a 1.5 s program lives. Then the code after it.
-_ONCE_WATCHED = """import json, os, sys, time
-status = os.path.join(json.load(open(os.environ["KEEL_CONFIG"]))["paths"]["run_dir"], "watchdog.status.json")
-while True:
-    try:
-        seen = json.load(open(status))["payload"]["processes"][os.environ["KEEL_PROCESS"]]["pid"]
-    except (OSError, ValueError, KeyError, TypeError):
-        seen = None
-    if seen == os.getpid():
-        break
-    time.sleep(0.05)
-"""
+def wait_until_watched() -> None:
+    """Return once the watchdog has published this process's run (its pid): a run that ends before the
+    watchdog first looks at it has no tracked run to end (its first poll finds it already EXITED), and
+    on a loaded box the watchdog can start later than a 1.5 s program lives. Run by the stack's
+    programs, as their first line."""
+    run_dir = Path(json.loads(Path(os.environ["KEEL_CONFIG"]).read_text())["paths"]["run_dir"])
+    while (e := _published(run_dir, os.environ["KEEL_PROCESS"])) is None or e.pid != os.getpid():
+        time.sleep(0.05)
+
+
+_WATCHED = "from tests.integration.test_end_states import wait_until_watched; wait_until_watched(); "
 
 
 def test_every_end_this_machine_can_produce_is_shown_the_same_way_everywhere(stack):
     sleep = "import time; time.sleep(600)"
     s = stack({
-        "clean": _plain(f"exec({_ONCE_WATCHED + 'time.sleep(1.5)'!r})"),  # one line: supervisord's command
-        "crash": _plain(f"exec({_ONCE_WATCHED + 'time.sleep(1.5); sys.exit(3)'!r})"),
+        "clean": _plain(_WATCHED + "import time; time.sleep(1.5)"),
+        "crash": _plain(_WATCHED + "import sys, time; time.sleep(1.5); sys.exit(3)"),
         "killed": _plain(sleep),
         "preempted": _plain(sleep),  # the default SIGTERM disposition: it dies of the signal
         "operator": _plain(sleep),

@@ -29,6 +29,7 @@ pytestmark = pytest.mark.slow
 
 T0 = datetime(2026, 11, 28, 12, 0, tzinfo=timezone.utc)
 KILLS = 1000
+METRICS_BACKUPS = 4  # the torture writer's rotations kept
 READS = 100_000
 MAX_SNAPSHOT = 2 << 20
 
@@ -151,7 +152,7 @@ def test_metrics_tail_loses_and_repeats_nothing_across_1000_sigkills(tmp_path, r
     def writer(start: int) -> int:
         # At most 3,000 records (~600 KB) a life, less than the 1.25 MB the rotation
         # keeps: the tail can always catch up, so any gap is a bug, not lag.
-        w = JsonlWriter(log, max_bytes=256 << 10, backups=4)
+        w = JsonlWriter(log, max_bytes=256 << 10, backups=METRICS_BACKUPS)
         for i in range(start, start + 3000):
             body = "m" * (i % 300)
             w.append({"i": i, "crc": zlib.crc32(body.encode()), "body": body})
@@ -186,7 +187,7 @@ def test_metrics_tail_loses_and_repeats_nothing_across_1000_sigkills(tmp_path, r
 
 
 def _last_whole_line(log: Path) -> bytes:
-    for p in [log, *(Path(f"{log}.{i}") for i in range(1, 5))]:
+    for p in [log, *(Path(f"{log}.{i}") for i in range(1, METRICS_BACKUPS + 1))]:
         data = p.read_bytes() if p.exists() else b""
         whole = data[: data.rfind(b"\n") + 1].splitlines()
         if whole:
