@@ -38,6 +38,7 @@ def main(run: Any) -> None:
     lookback = int(cfg.get("lookback", 20))
     x, y = make_data(int(cfg.get("samples", 4096)), lookback, seed=run.settings.seed)
     x, y = x.to(run.device), y.to(run.device)
+    torch.manual_seed(run.settings.seed)  # the same seed, the same initial weights: runs that can be compared
     model = nn.Linear(lookback, 1).to(run.device)
     opt = torch.optim.SGD(model.parameters(), lr=float(cfg.get("lr", 0.01)), momentum=0.9)
     batch = int(cfg.get("batch_size", 128))

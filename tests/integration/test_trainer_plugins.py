@@ -33,7 +33,9 @@ def test_example_plugin_runs_reports_and_checkpoints(tmp_path, reaper):
     assert [r["step"] for r in records] == list(range(2, 401))  # step 1 is folded into step 2's record
     losses = [r["loss"] for r in records]
     first, last = sum(losses[:10]) / 10, sum(losses[-50:]) / 50
-    assert last < 0.85 * first, (first, last)  # ~1.6 (the series' variance) towards 1.0 (its noise)
+    # The best a linear model can do is the noise's variance, 1.0 (the series' own is 1.56): the fall is
+    # measured against that floor, not as a fraction of a start that depends on the first weights drawn.
+    assert last < 1.1 < first, (first, last)
     assert CheckpointStore(tp.checkpoint_dir).load_latest().state["state"]["step"] == 400
 
 
