@@ -65,7 +65,10 @@ class ResourceSampler:
         self._clock = clock
         # psutil.Process objects are kept between polls because cpu_percent() measures since the previous call.
         self._procs: dict[tuple[int, int], psutil.Process] = {}
-        psutil.cpu_percent(None)  # prime the host counter (first call always returns 0.0)
+        # The host's CPU times at the previous sample, kept here: psutil.cpu_percent(None) keeps its own
+        # baseline per *thread*, and the page samples from a pool of threads, so each thread's first
+        # sample read 0 % (the page's host line zig-zagged 0 / 60 % while the trainer used a whole core).
+        self._host_times = psutil.cpu_times()
 
     def _proc(self, pid: int, start_ticks: int | None) -> tuple[psutil.Process, bool]:
         """The kept Process object of ``pid``, and whether it was made just now (no CPU baseline yet)."""
@@ -129,7 +132,9 @@ class ResourceSampler:
             del self._procs[stale]
 
         vm = psutil.virtual_memory()
-        host = HostSample(psutil.cpu_percent(None), int(vm.total - vm.available), int(vm.total))
+        host_times = psutil.cpu_times()
+        host = HostSample(busy_percent(self._host_times, host_times), int(vm.total - vm.available), int(vm.total))
+        self._host_times = host_times
 
         nvml = self._nvml.get()
         if nvml is None:
@@ -146,6 +151,15 @@ class ResourceSampler:
         """Shut NVML down (if it was initialised) and forget cached processes."""
         self._nvml.shutdown()
         self._procs.clear()
+
+
+def busy_percent(before: Any, after: Any) -> float:
+    """Percent of all cores busy between two ``psutil.cpu_times()``, counted as psutil counts it: guest
+    time is already in user and nice, and iowait is idle. 0.0 when no time passed."""
+    delta = {f: max(0.0, getattr(after, f) - getattr(before, f)) for f in before._fields}  # a counter can step back
+    total = sum(delta.values()) - delta.get("guest", 0.0) - delta.get("guest_nice", 0.0)
+    busy = total - delta["idle"] - delta.get("iowait", 0.0)
+    return round(100.0 * busy / total, 1) if total > 0 else 0.0
 
 
 def _proc_table(proc_root: str = "/proc") -> dict[int, tuple[int, int]]:

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import os
 import subprocess
+import threading
 import time
 
 import psutil
@@ -11,7 +12,7 @@ import pynvml
 import pytest
 
 from keel.host.gpus import Nvml, NvmlUnusable, query_gpus
-from keel.host.sampling import ResourceSampler
+from keel.host.sampling import ResourceSampler, busy_percent
 from tests.support import PYTHON, is_alive, wait_until
 from tests.unit.fake_nvml import NVML_ERRORS, FakeNvml
 
@@ -61,6 +62,31 @@ def test_cpu_percent_of_a_busy_process_is_measured_between_samples():
     got = sampler.sample([me.pid]).processes[me.pid].cpu_percent
     expected = 100 * (sum(me.cpu_times()[:2]) - c0) / (time.monotonic() - t0)
     assert expected * 0.5 < got < expected * 1.5 + 5
+
+
+def test_host_cpu_is_measured_since_the_previous_sample_whichever_thread_takes_it():
+    # The page samples from a pool of threads; psutil.cpu_percent(None) keeps a baseline per thread, so
+    # a sample taken on a thread that had not sampled before read 0 % whatever the host did.
+    sampler = ResourceSampler(nvml=FakeNvml())
+    me = psutil.Process()
+    c0 = sum(me.cpu_times()[:2])
+    while sum(me.cpu_times()[:2]) - c0 < 0.2:  # this process alone keeps one core busy
+        pass
+    got: list[float] = []
+    worker = threading.Thread(target=lambda: got.append(sampler.sample([]).host.cpu_percent))
+    worker.start()
+    worker.join()
+    assert got[0] >= 100 / psutil.cpu_count() * 0.5, got  # at least half of one core's share
+
+
+def test_busy_percent_counts_as_psutil_does():
+    times = type(psutil.cpu_times())
+    zero = times(*[0.0] * len(times._fields))
+    after = zero._replace(user=3.0, idle=4.0, **({"iowait": 1.0} if "iowait" in times._fields else {}))
+    iowait = 1.0 if "iowait" in times._fields else 0.0
+    assert busy_percent(zero, after) == round(100 * 3.0 / (7.0 + iowait), 1)
+    assert busy_percent(after, after) == 0.0  # no time passed: no figure, not a division by zero
+    assert busy_percent(after, zero) == 0.0  # a counter that stepped back counts nothing
 
 
 def test_the_first_sample_of_a_busy_process_has_no_cpu_figure_not_thousands_of_percent(reaper):
