@@ -75,9 +75,12 @@ def make_doc(doc: Document, collector: Collector, view: SessionView | None = Non
         doc.on_event(DocumentReady, add_rest)
         doc.add_timeout_callback(add_rest, int(REST_AFTER_S * 1000))
     collector.sessions += 1
-    # The timer keeps the header honest when the reader stalls; new data arrives by the push below.
-    callback = doc.add_periodic_callback(view.update, int(collector.cfg.refresh * 1000))
-    unsubscribe = collector.subscribe(pusher(doc, view)) if doc.session_context is not None else None
+    # New data arrives by the push; the timer keeps the header honest when the reader stalls. The timer
+    # goes through the same push: on its own it sent text and plots in one message, at its own phase, and
+    # a step sent with them showed only after their repaint.
+    push = pusher(doc, view) if doc.session_context is not None else None
+    callback = doc.add_periodic_callback(push or view.update, int(collector.cfg.refresh * 1000))
+    unsubscribe = collector.subscribe(push) if push is not None else None
 
     def _destroyed(session_context: Any) -> None:
         collector.sessions = max(0, collector.sessions - 1)

@@ -1,4 +1,5 @@
-"""When a session's page is sent what changed: pushed on the collector's news, paced per session."""
+"""When a session's page is sent what changed: pushed on the collector's news (and a timer), the text at once,
+the plots paced per session."""
 
 from __future__ import annotations
 
@@ -7,10 +8,13 @@ from typing import Any, Callable
 
 from bokeh.document import Document
 
-# At most one pushed update a session per PUSH_GAP_S: a trainer writing every few ms would otherwise
+# The plots of a session are sent at most once per PUSH_GAP_S: a trainer writing every few ms would otherwise
 # have every tab repaint its plots 20 times a second (the poll's pace), which kept a headless Chromium's
-# main thread busy (measured: a page evaluation took 2 s instead of ms). A push within the gap waits for
-# its end, so a write still shows within the gap plus one poll.
+# main thread busy (measured: a page evaluation took 2 s instead of ms). The text is not paced: it costs
+# a browser a few ms, and each cycle's news is at most one text update (the collector's cycles are its
+# pace: a settle of 0.02 s, then the read). Paced with the plots, a status write that came just after
+# another push (the watchdog's status, the trainer's heartbeat, the refresh: ~3.5 a second) waited up
+# to the whole gap before its step was sent.
 PUSH_GAP_S = 0.1
 # The plots follow the text by this much. A browser applies a new status text in a few ms, but shows it
 # only with its next frame, and a frame after new points also repaints their plots: ~0.1 s of canvas work
@@ -21,48 +25,41 @@ PLOTS_AFTER_S = 0.04
 
 
 def pusher(doc: Document, view: Any, clock: Callable[[], float] = time.monotonic) -> Callable[[], None]:
-    """A collector listener that runs ``view.update_text`` (a dashboard.page.SessionView) on the session's
-    next tick (under its document lock), then ``view.update_plots`` PLOTS_AFTER_S later; at most one
-    pending at a time however far the loop has fallen behind, and at most one per PUSH_GAP_S.
+    """A collector listener (and the session's timer) that runs ``view.update_text`` (a
+    dashboard.page.SessionView) on the session's next tick, under its document lock, and
+    ``view.update_plots`` PLOTS_AFTER_S after it, or at the end of PUSH_GAP_S since the last plots.
 
-    News is never dropped, and never costs a second repaint of the plots: news that comes before the text
-    went is in it; news that comes between the text and the plots (a trainer's metrics and status writes,
-    or a write and the refresh, a few ms apart) has its text sent with the plots, in the same update
-    (before, it got an update of its own after them: every tab repainted its plots twice a second); news
-    after the plots went is the next update."""
-    pending = False
-    text_went = False  # this update's text has gone: news now is sent with its plots
-    news = False  # news came after the text went
-    last = -PUSH_GAP_S
-    spent = 0.0  # this update's server time so far (text, then plots)
+    News is never dropped, and never costs a second repaint of the plots: news before a text went is in
+    it (one text pending at a time, however far the loop has fallen behind); news after it gets a text of
+    its own at once, and its lines go with the plots already due (one plots update pending at a time)."""
+    text_due = False
+    plots_due = False
+    last_plots = -PUSH_GAP_S
+    spent = 0.0  # server time of the texts since the last plots, and then of the plots
 
-    def run() -> None:
-        nonlocal last, spent, text_went
-        last, text_went = clock(), True
+    def text() -> None:
+        nonlocal text_due, plots_due, spent
+        text_due = False
         t0 = time.perf_counter()
         view.update_text()
-        spent = time.perf_counter() - t0
-        doc.add_timeout_callback(plots, int(PLOTS_AFTER_S * 1000))
+        spent += time.perf_counter() - t0
+        if not plots_due:
+            plots_due = True
+            wait = max(PLOTS_AFTER_S, last_plots + PUSH_GAP_S - clock())
+            doc.add_timeout_callback(plots, round(wait * 1000))
 
     def plots() -> None:
-        nonlocal pending, text_went, news
+        nonlocal plots_due, last_plots, spent
+        plots_due, last_plots = False, clock()
         t0 = time.perf_counter()
-        if news:
-            view.update_text()
         view.update_plots()
         view.c.session_seconds.append(spent + time.perf_counter() - t0)  # in refresh_stats: the bench's session cost
-        pending = text_went = news = False
+        spent = 0.0
 
     def push() -> None:
-        nonlocal pending, news
-        if pending:
-            news = news or text_went
-            return
-        pending = True
-        wait = last + PUSH_GAP_S - clock()
-        if wait > 0:
-            doc.add_timeout_callback(run, int(wait * 1000) + 1)
-        else:
-            doc.add_next_tick_callback(run)
+        nonlocal text_due
+        if not text_due:
+            text_due = True
+            doc.add_next_tick_callback(text)
 
     return push
