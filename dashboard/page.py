@@ -5,9 +5,9 @@ update (pushed after each collector cycle): new resource points through
 ``ColumnDataSource.stream(..., rollover=history_points)``, changed table cells through
 ``patch``, Div text only when it differs, and a training line's new points streamed onto it
 (drawn whole again, once for every session, after a resume or TAIL_MAX new rows:
-dashboard.training_plots). The text is pushed at once, the plots at most once per PUSH_GAP_S (dashboard.push). It reads the shared
-``Collector`` (same event loop, no locks) and never touches the run dir: the panels too
-read what the collector read off the loop (dashboard.rundir).
+dashboard.training_plots). The text is pushed at once, the plots at most once per PUSH_GAP_S
+(dashboard.push). It reads the shared ``Collector`` (same event loop, no locks) and never touches the
+run dir: the panels too read what the collector read off the loop (dashboard.rundir).
 """
 
 from __future__ import annotations
