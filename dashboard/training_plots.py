@@ -149,7 +149,7 @@ class TrainingPlots:
     def _fig(title: str, key: str) -> Any:
         f = figure(title=title, height=230, sizing_mode="stretch_width", tools="pan,wheel_zoom,box_zoom,reset,save",
                    name=f"{key}_plot")
-        f.xaxis.axis_label = "step"
+        f.xaxis.axis_label, f.xaxis.ticker, f.xaxis.formatter = xaxis.axis_models("step")
         f.toolbar.logo = None
         return f
 

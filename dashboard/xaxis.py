@@ -9,10 +9,14 @@ from __future__ import annotations
 
 from typing import Any
 
-from bokeh.models import BasicTicker, BasicTickFormatter, CustomJSTickFormatter, DatetimeTicker, DatetimeTickFormatter
+from bokeh.models import BasicTicker, CustomJSTickFormatter, DatetimeTicker, DatetimeTickFormatter, NumeralTickFormatter
 
 # mode (the source column x copies) -> what the select and the axis call it
 MODES = {"step": "step", "rel": "relative time", "t": "wall clock"}
+
+# Steps with thousands separators: Bokeh's default formatter turns to scientific notation at 100,000
+# ("2.000e+4" under every tick of a long run's step axis); a fraction only where a deep zoom has one.
+STEP_FORMAT = "0,0.[00]"
 
 # ms -> "45s", "12m30s", "3h05m", "2d04h": a duration, never a date
 _DURATION_JS = """
@@ -43,7 +47,7 @@ def window(mode: str, x0: float, x1: float, t0: float | None) -> tuple[str, floa
 def axis_models(mode: str) -> tuple[str, Any, Any]:
     """Label, ticker and tick formatter of an x axis showing ``mode``."""
     if mode == "step":
-        return "step", BasicTicker(), BasicTickFormatter()
+        return "step", BasicTicker(), NumeralTickFormatter(format=STEP_FORMAT)
     if mode == "rel":
         return "time since the run's first record", DatetimeTicker(), CustomJSTickFormatter(code=_DURATION_JS)
     return "wall clock", DatetimeTicker(), DatetimeTickFormatter()

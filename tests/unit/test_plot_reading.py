@@ -7,7 +7,7 @@ import time
 import numpy as np
 from bokeh.document import Document
 from bokeh.events import RangesUpdate, Reset
-from bokeh.models import CustomJSTickFormatter, DatetimeTickFormatter
+from bokeh.models import CustomJSTickFormatter, DatetimeTickFormatter, NumeralTickFormatter
 
 from keel.status.reporter import ProcessReporter
 
@@ -54,6 +54,8 @@ def test_x_as_relative_time_and_wall_clock_moves_every_line_and_marker(tmp_path)
     src = doc.get_model_by_name("metrics:trainer")
     marks = doc.get_model_by_name("training_events")
     assert src.data["x"] == src.data["step"] and marks.data["x"] == [30.0]
+    step_format = doc.get_model_by_name("loss_plot").xaxis[0].formatter  # 200,000, never 2.000e+5
+    assert isinstance(step_format, NumeralTickFormatter) and step_format.format == "0,0.[00]"
     plots.x_select.value = "rel"  # what the browser sends when the viewer picks it
     x = np.array(src.data["x"], dtype=float)
     fin = np.isfinite(x)
@@ -69,6 +71,7 @@ def test_x_as_relative_time_and_wall_clock_moves_every_line_and_marker(tmp_path)
     assert doc.get_model_by_name("throughput_plot").xaxis[0].axis_label == "wall clock"
     plots.x_select.value = "step"
     assert src.data["x"] == src.data["step"] and fig.xaxis[0].axis_label == "step"
+    assert isinstance(fig.xaxis[0].formatter, NumeralTickFormatter)
     rep.close()
     c.runner.close()
 
