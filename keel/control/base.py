@@ -64,6 +64,10 @@ class BackendUnavailable(ControlError):
     """The backend cannot be reached (supervisord down, socket timeout, no systemctl). Worth retrying."""
 
 
+class ShuttingDown(BackendUnavailable):
+    """The backend is shutting down: it still answers, but only to say so, until its processes are gone."""
+
+
 @dataclass
 class ProcessInfo:
     name: str

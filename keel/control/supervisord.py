@@ -27,6 +27,7 @@ from keel.control.base import (
     NoSuchProcess,
     NotRunning,
     ProcessInfo,
+    ShuttingDown,
     signal_name,
 )
 
@@ -64,7 +65,7 @@ def _transport(socket_path: str, timeout: float) -> xmlrpc.client.Transport:
 
 
 # supervisor.xmlrpc.Faults codes, copied so the mapping reads without the import.
-_BAD_NAME, _ALREADY_STARTED, _NOT_RUNNING = 10, 60, 70
+_SHUTDOWN_STATE, _BAD_NAME, _ALREADY_STARTED, _NOT_RUNNING = 6, 10, 60, 70
 _BUSY_STATES = frozenset({"STOPPING", "RUNNING", "STARTING", "BACKOFF"})
 
 
@@ -108,6 +109,9 @@ class SupervisordBackend:
             return NoSuchProcess(msg, process=process, backend=self.kind)
         if fault.faultCode == _NOT_RUNNING:
             return NotRunning(msg, process=process, backend=self.kind)
+        if fault.faultCode == _SHUTDOWN_STATE:  # every call, until the processes it is stopping are gone
+            return ShuttingDown(f"supervisord at {self.socket_path} is shutting down ({method})", process=process,
+                                backend=self.kind)
         return ControlError(msg, process=process, backend=self.kind)
 
     def _program(self, name: str) -> str:
@@ -192,12 +196,26 @@ class SupervisordBackend:
     # -- the whole stack -------------------------------------------------------------------------
 
     def running(self) -> bool:
-        """Whether supervisord answers on the socket."""
+        """Whether supervisord answers on the socket (one shutting down still does, until its processes are gone)."""
+        return self._daemon_state() != "gone"
+
+    def _daemon_state(self) -> str:
+        """``running``, ``shutting down`` or ``gone``."""
         try:
             self._call("getState")
+        except ShuttingDown:
+            return "shutting down"
         except BackendUnavailable:
-            return False
-        return True
+            return "gone"
+        return "running"
+
+    def _wait_gone(self, after: str) -> None:
+        deadline = time.monotonic() + self.timeout
+        while self.running():
+            if time.monotonic() >= deadline:
+                raise BackendUnavailable(f"supervisord at {self.socket_path} still answers {self.timeout:g}s after "
+                                         f"{after}", backend=self.kind)
+            time.sleep(0.1)
 
     def apply(self) -> list[str]:
         """Make the rendered config take effect: ``supervisorctl reread`` + ``update`` for our programs.
@@ -207,7 +225,11 @@ class SupervisordBackend:
         from ``config`` (it reads the new files as it starts). Include: the host's supervisord
         must be running (BackendUnavailable otherwise), and other projects' programs are left alone.
         """
-        if not self.running():
+        state = self._daemon_state()
+        if state == "shutting down" and self.mode == "standalone":
+            self._wait_gone("its shutdown began")  # a `down` just before: start afresh once it is gone
+            state = "gone"
+        if state != "running":
             if self.mode == "include":
                 raise BackendUnavailable(
                     f"the host supervisord ({self.socket_path}) is not running; start it (systemctl start supervisor)",
@@ -274,8 +296,9 @@ class SupervisordBackend:
     def stop_all(self) -> None:
         """Ask every process to stop at once, then wait: each gets its own stop timeout in parallel."""
         asked = [name for name in self.programs if self._request_stop_known(name)]
-        if asked and self.stop_wait:
-            self._wait_stopped(asked)
+        if self.stop_wait and (asked or any(i.state == "STOPPING" for i in self.status().values())):
+            # also those another caller (the watchdog) is already stopping: "stopped" means stopped
+            self._wait_stopped(list(self.programs))
 
     def _request_stop_known(self, name: str) -> bool:
         try:
@@ -285,19 +308,16 @@ class SupervisordBackend:
 
     def shutdown(self) -> None:
         """Stop the stack; standalone, also shut supervisord down and wait until it no longer answers."""
-        self.stop_all()
-        if self.mode == "include":
-            return  # the host's supervisord serves others too
         try:
+            self.stop_all()
+            if self.mode == "include":
+                return  # the host's supervisord serves others too
             self._call("shutdown")
+        except ShuttingDown:
+            pass  # another caller shut it down first: wait for it all the same
         except BackendUnavailable:
             return  # already gone
-        deadline = time.monotonic() + self.timeout
-        while self.running():
-            if time.monotonic() >= deadline:
-                raise BackendUnavailable(f"supervisord at {self.socket_path} still answers {self.timeout:g}s after "
-                                         "shutdown", backend=self.kind)
-            time.sleep(0.1)
+        self._wait_gone("shutdown")
 
 
 _SPAWNED = re.compile(r"spawned: '(?P<prog>[^']+)' with pid (?P<pid>\d+)")

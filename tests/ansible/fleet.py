@@ -183,6 +183,18 @@ def make_fleet(root: Path, source: Path, count: int = 3, jobs: dict | None = Non
     return Fleet(root=root, source=source, hosts=hosts, group_vars=group_vars, jobs=jobs or {})
 
 
+def failures(output: str, limit: int = 6000) -> str:
+    """Each task that failed a host, with its message: what a failed assertion on a playbook run must show
+    (the output's tail is only the recap and the last task)."""
+    tasks, current = [], ""
+    for line in output.splitlines():
+        if line.startswith("TASK ["):
+            current = line
+        elif line.startswith(("fatal: [", "failed: [")):
+            tasks.append(f"{current}\n{line[:1500]}")
+    return ("\n".join(tasks) or "no task failed")[:limit] + "\n...\n" + output[-1500:]
+
+
 def recap(output: str) -> dict[str, dict[str, int]]:
     """PLAY RECAP counters per host: {"node1": {"ok": 30, "changed": 0, "failed": 0, ...}} (summed over batches)."""
     result: dict[str, dict[str, int]] = {}

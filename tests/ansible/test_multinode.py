@@ -16,7 +16,7 @@ import re
 import pytest
 import yaml
 
-from tests.ansible.fleet import make_fleet, recap, snapshot
+from tests.ansible.fleet import failures, make_fleet, recap, snapshot
 from tests.support import free_port, wait_until
 
 pytestmark = [pytest.mark.ansible, pytest.mark.slow, pytest.mark.timeout(1200)]
@@ -92,7 +92,7 @@ def assert_one_unit(job, output: str, version: str) -> None:
 
 def test_job_rolls_out_updates_and_rolls_back_as_one_unit(job, tmp_path):
     done = job.playbook("site.yml", "-e", "keel_version=v1")
-    assert done.returncode == 0, done.stdout[-4000:]
+    assert done.returncode == 0, failures(done.stdout)
     for host in job.hosts:
         assert host.version() == "v1"
     ids = {rendered(h) for h in job.hosts}
@@ -105,7 +105,7 @@ def test_job_rolls_out_updates_and_rolls_back_as_one_unit(job, tmp_path):
     before = {h.name: h.pids()["trainer"] for h in job.hosts}
 
     done = job.playbook("site.yml", "-e", "keel_version=v2")
-    assert done.returncode == 0, done.stdout[-4000:]
+    assert done.returncode == 0, failures(done.stdout)
     assert_one_unit(job, done.stdout, "v2")
     after = {h.name: h.pids()["trainer"] for h in job.hosts}
     assert all(after[n] != before[n] for n in before), (before, after)
@@ -121,14 +121,14 @@ def test_job_rolls_out_updates_and_rolls_back_as_one_unit(job, tmp_path):
                         "-e", f"keel_controller_build_dir={tmp_path / 'controller'}", "-e", "keel_health_timeout=45")
     assert done.returncode != 0
     for host in job.hosts:
-        assert f"ROLLED BACK job pair on {host.name}: every node is on v2 again" in done.stdout, done.stdout[-4000:]
+        assert f"ROLLED BACK job pair on {host.name}: every node is on v2 again" in done.stdout, failures(done.stdout)
         assert re.search(rf'{host.name} failed at \\"Wait until every process is healthy.*\\": trainer \w+ \(', done.stdout)
         assert (host.prefix / "releases" / "v3-broken").is_dir()
         assert os.readlink(host.prefix / "previous").endswith("/releases/v1")
     assert_one_unit(job, done.stdout[done.stdout.index("TASK [Ensure every node of the failed job is stopped]"):], "v2")
 
     done = job.playbook("multinode_rollback.yml")
-    assert done.returncode == 0, done.stdout[-4000:]
+    assert done.returncode == 0, failures(done.stdout)
     assert_one_unit(job, done.stdout, "v1")
     for host in job.hosts:
         assert os.readlink(host.prefix / "previous").endswith("/releases/v2")

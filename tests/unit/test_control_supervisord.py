@@ -169,3 +169,56 @@ def test_supervisord_socket_that_never_answers_is_unavailable():
         srv.close()
         Path(d / "s.sock").unlink(missing_ok=True)
         d.rmdir()
+
+
+# A program that ignores SIGTERM (a torchrun agent in its rendezvous), and says so in a file once it does.
+STUBBORN = (f"{PYTHON} -c 'import pathlib, signal, sys, time; signal.signal(signal.SIGTERM, signal.SIG_IGN); "
+            "pathlib.Path(sys.argv[1]).write_text(\"ignoring\"); time.sleep(600)' {ready}")
+
+
+@pytest.mark.slow
+def test_supervisord_stops_and_shutdowns_wait_out_a_stop_another_caller_began(reaper):
+    """The watchdog stops the trainer (STOPPING: a torchrun agent ignores SIGTERM) as `bin/launch down` runs.
+
+    stop_all waits for that stop too; while a process is still STOPPING, a shut-down supervisord answers
+    every call with SHUTDOWN_STATE, which is "still going", not a failure (the multinode rollback's
+    `down` failed on it), and an `apply` (the `up` after a `down`) waits for it to exit, then starts anew."""
+    d = short_dir()
+    try:
+        ready = d / "ready"
+        conf = write_supervisord_conf(d, program_section("keel-stub", STUBBORN.format(ready=ready), stopwaitsecs=2)
+                                      + program_section("keel-work", SLEEPER), {})
+        conf.write_text(conf.read_text().replace("nodaemon=true", "nodaemon=false"))
+        programs = {"stub": "keel-stub", "work": "keel-work"}
+        backend = SupervisordBackend(str(d / "s.sock"), programs, timeout=15.0, config=str(conf))
+        watchdog = SupervisordBackend(str(d / "s.sock"), programs, timeout=15.0, stop_wait=False)
+
+        def started() -> tuple[int, int]:
+            wait_until(ready.exists, 10, what="stub ignoring SIGTERM")
+            daemon = int((d / "supervisord.pid").read_text())
+            reaper.track(daemon)
+            return daemon, backend.status()["stub"].pid
+
+        backend.apply()
+        daemon, stub = started()
+        watchdog.stop("stub")
+        assert backend.status()["stub"].state == "STOPPING"
+        backend.stop_all()  # returns once SIGKILL ended the stub's stop, 2 s on
+        assert {n: i.state for n, i in backend.status().items()} == {"stub": "STOPPED", "work": "STOPPED"}
+        assert _proc_status(stub) in ("gone", "zombie")
+
+        ready.unlink()
+        backend.start_all()
+        _, stub = started()
+        backend._call("shutdown")  # another `down`: supervisord now waits 2 s for the stub, answering SHUTDOWN_STATE
+        assert backend._daemon_state() == "shutting down"
+        assert backend.apply() == [f"started supervisord ({conf})"]
+        assert not is_alive(daemon) and _proc_status(stub) in ("gone", "zombie")
+        ready.unlink(missing_ok=True)
+        daemon, stub = started()
+
+        watchdog.shutdown()  # without waiting for the stops it asks: its own wait sees SHUTDOWN_STATE until the end
+        assert not backend.running() and not is_alive(daemon)
+        assert _proc_status(stub) in ("gone", "zombie")
+    finally:
+        shutil.rmtree(d, ignore_errors=True)
