@@ -180,7 +180,7 @@ class FakeBackend:
         assert info is not None
         self._run(info, name)
 
-    def stop(self, name: str) -> None:
+    def stop(self, name: str, *, wait: bool = True) -> None:
         info = self._op("stop", name)
         assert info is not None
         info.state, info.pid = "STOPPED", None

@@ -149,13 +149,13 @@ class SupervisordBackend:
                 return
             raise
 
-    def stop(self, name: str) -> None:
+    def stop(self, name: str, *, wait: bool = True) -> None:
         """Stop and wait (supervisord escalates to SIGKILL after stopwaitsecs). Stopping a stopped process is fine.
 
         supervisord's own ``wait=True`` answers only on its next loop tick (up to 1 s
         late); asking without waiting and polling the state is faster.
         """
-        if self._request_stop(name) and self.stop_wait:
+        if self._request_stop(name) and self.stop_wait and wait:
             self._wait_stopped([name])
 
     def restart(self, name: str) -> None:

@@ -115,8 +115,8 @@ class SystemdBackend:
     def start(self, name: str) -> None:
         self._run(["start", "--no-block", self._unit(name)], name)
 
-    def stop(self, name: str) -> None:
-        self._run(["stop", self._unit(name)], name)
+    def stop(self, name: str, *, wait: bool = True) -> None:
+        self._run(["stop", *(() if wait else ("--no-block",)), self._unit(name)], name)
 
     def restart(self, name: str) -> None:
         # reset-failed first: a unit past StartLimitBurst refuses to start otherwise.

@@ -68,9 +68,15 @@ def continue_first(wd: "Watchdog", w: Watched, pid: int, sample: ResourceSample)
 
 def give_up(wd: "Watchdog", w: Watched, v: HealthVerdict, info: ProcessInfo | None, restarts: int, now: float,
             why: str | None = None) -> None:
+    """Stop it for good, mark it failed, publish and alert.
+
+    The stop is asked for, not waited for: a trainer that ignores SIGTERM (a torchrun agent) takes its
+    whole stop timeout before the backend's SIGKILL, and a watchdog waiting that out would neither
+    judge the other processes nor obey its own SIGTERM (a `bin/launch down` would SIGKILL it, and the
+    event and alert with it). The polls that follow see it STOPPING, then STOPPED, and leave it alone."""
     error = None
     try:
-        wd._control(lambda: wd.backend.stop(w.name))
+        wd._control(lambda: wd.backend.stop(w.name, wait=False))
     except ControlError as exc:
         error = str(exc)
     w.budget.record_give_up()

@@ -10,7 +10,9 @@ Modes:
   silent  runs but never writes a status
   sink    never writes a status; appends every catchable signal it receives to --signal-log
 
-SIGTERM: state=stopped, exit 0. --run-dir and --name default to KEEL_CONFIG's run_dir and KEEL_PROCESS.
+SIGTERM: state=stopped, exit 0; with --ignore-sigterm it is ignored and the run then never ends by itself
+(a torchrun agent in its rendezvous: only SIGKILL ends it). --run-dir and --name default to KEEL_CONFIG's
+run_dir and KEEL_PROCESS.
 """
 
 from __future__ import annotations
@@ -38,6 +40,7 @@ def parse(argv: list[str] | None) -> argparse.Namespace:
     p.add_argument("--leak-mb", type=float, default=8.0)
     p.add_argument("--crash-after", type=float, default=0.0)
     p.add_argument("--signal-log")
+    p.add_argument("--ignore-sigterm", action="store_true")
     args = p.parse_args(argv)
     if args.run_dir is None:
         cfg = os.environ.get("KEEL_CONFIG")
@@ -75,8 +78,9 @@ def main(argv: list[str] | None = None) -> int:
     from keel.status.models import State
     from keel.status.reporter import ProcessReporter
 
-    signal.signal(signal.SIGTERM, lambda *_: stop.set())
     hang_now = threading.Event()
+    # ignoring: the loop stops stepping (and crashing) as if stuck, while the heartbeat thread beats on
+    signal.signal(signal.SIGTERM, (lambda *_: hang_now.set()) if args.ignore_sigterm else (lambda *_: stop.set()))
     signal.signal(signal.SIGUSR1, lambda *_: hang_now.set())
     if args.mode == "silent":
         while not stop.wait(0.1):
@@ -90,7 +94,7 @@ def main(argv: list[str] | None = None) -> int:
     hoard: list[bytearray] = []
     step = 0
     while not stop.wait(args.step):
-        if args.mode == "crash" and time.monotonic() - started > args.crash_after:
+        if args.mode == "crash" and time.monotonic() - started > args.crash_after and not hang_now.is_set():
             print("crashing on purpose", file=sys.stderr)
             return 1
         if hang_now.is_set() or (args.mode == "hang" and time.monotonic() - started > args.hang_after):

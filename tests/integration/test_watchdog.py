@@ -215,6 +215,37 @@ def test_a_worker_that_crashes_after_startsecs_every_time_is_a_crash_loop_too(st
     wait_until(lambda: s.info("w1")["statename"] == "STOPPED", 10, what="stopped")
 
 
+def test_a_give_up_on_a_run_that_ignores_sigterm_is_published_at_once_and_the_watchdog_stays_responsive(stack):
+    """A torchrun agent ignores SIGTERM: its stop takes its whole stop timeout (20 s here) before SIGKILL.
+
+    The gave_up event and its alert are out while it is still STOPPING, and a SIGTERM to the watchdog (a
+    `bin/launch down`) is obeyed then too: the watchdog used to wait the stop out, and was SIGKILLed by
+    the down after its own 5 s, losing the event and the alert."""
+    alerts = short_dir() / "alerts.jsonl"
+    s = stack(
+        # each run reports, then crashes 4 s on: supervisord restarts it, the watchdog counts a crash loop
+        {"w1": {**worker("crash", extra="--crash-after 4 --ignore-sigterm", restart={"max_restarts": 1}),
+                "stop": {"timeout": "20s"}}},
+        {"alert": {"command": [PYTHON, "-c", f"import sys; open({str(alerts)!r}, 'a').write(sys.stdin.read())"],
+                   "timeout": "5s"}},
+    )
+    try:
+        gave_up = wait_until(lambda: s.events("w1", "gave_up"), 45, interval=0.2, what="gave_up")[0]
+        assert gave_up["rule"] == "crash_loop" and "stop failed" not in gave_up["reason"]
+        assert s.info("w1")["statename"] == "STOPPING"
+        alert = wait_until(lambda: alerts.exists() and alerts.read_text(), 10, what="alert command ran")
+        assert json.loads(alert.splitlines()[0])["action"] == "gave_up"
+        watchdog = s.running_pid("watchdog")
+        os.kill(watchdog, signal.SIGTERM)
+        wait_until(lambda: s.info("watchdog")["pid"] != watchdog, 15, what="the watchdog exits on SIGTERM")
+        assert s.events(None, "stopped")[-1]["reason"] == "signal received"
+        assert s.info("w1")["statename"] == "STOPPING"  # all of that before the backend's SIGKILL ended w1
+        wait_until(lambda: s.info("w1")["statename"] == "STOPPED", 30, what="w1 stopped by SIGKILL")
+        assert s.events("w1", "start") == [] and s.events("w1", "restart") == []  # left alone, as given up
+    finally:
+        shutil.rmtree(alerts.parent, ignore_errors=True)
+
+
 def test_a_sigkilled_watchdog_is_restarted_and_resumes_its_budget(stack):
     s = stack({"w1": worker("hang", extra="--hang-after 0.3", restart={"max_restarts": 2, "backoff_initial": "0.3s"},
                             health={"startup_grace": "2.5s"})})

@@ -189,11 +189,13 @@ def test_systemd_status_maps_states_and_ignores_other_units(systemctl):
 def test_systemd_actions_are_the_right_systemctl_calls(systemctl):
     systemctl.start("trainer")
     systemctl.stop("trainer")
+    systemctl.stop("trainer", wait=False)  # the watchdog's give-up: asked for, not waited out
     systemctl.restart("trainer")
     systemctl.signal("trainer", signal.SIGCONT)
     assert systemctl.calls() == [
         "--no-pager --no-ask-password start --no-block keel-trainer.service",
         "--no-pager --no-ask-password stop keel-trainer.service",
+        "--no-pager --no-ask-password stop --no-block keel-trainer.service",
         "--no-pager --no-ask-password reset-failed keel-trainer.service",
         "--no-pager --no-ask-password restart --no-block keel-trainer.service",
         f"--no-pager --no-ask-password kill --kill-whom=main --signal={int(signal.SIGCONT)} keel-trainer.service",
