@@ -145,7 +145,8 @@ def test_a_sigstopped_worker_is_restarted_within_heartbeat_timeout_plus_poll_plu
     timeline = [(round(e["mono"] - t0, 2), e["action"], e["rule"]) for e in s.events("w1") if e["mono"] >= t0]
     assert latency <= HEARTBEAT_TIMEOUT + POLL + 2.0, (latency, timeline, os.getloadavg())
     assert not is_alive(pid)
-    (ev,) = s.events("w1", "restart")
+    # the watchdog writes its restart event after the start it asked for: supervisord may spawn first
+    (ev,) = wait_until(lambda: s.events("w1", "restart"), 10, interval=0.05, what="the restart event")
     assert ev["rule"] == "heartbeat_stale" and ev["attempt"] == 1 and ev["pid"] == pid
     assert s.events("w1", "signal")  # SIGCONT first, so the frozen worker could stop cleanly
     wait_until(lambda: _status_pid(s.run_dir, "w1") not in (None, pid), 15, what="new run reporting")
