@@ -260,8 +260,9 @@ def test_a_sigkilled_watchdog_is_restarted_and_resumes_its_budget(stack):
     # Two restarts in all (one per watchdog), not two more after the restart: the budget was persisted.
     assert [e["attempt"] for e in restarts] == [1, 2]
     assert gave_up["attempt"] == 3
-    state = json.loads((s.run_dir / "watchdog.state.json").read_text())
-    assert state["processes"]["w1"]["budget"]["gave_up"] is True
+    # the state file is written at the end of the poll that wrote the event
+    wait_until(lambda: json.loads((s.run_dir / "watchdog.state.json").read_text())["processes"]["w1"]["budget"]["gave_up"],
+               10, what="the give-up persisted in watchdog.state.json")
 
 
 def test_a_status_whose_pid_now_belongs_to_another_process_is_not_signalled(stack, reaper, tmp_path):
