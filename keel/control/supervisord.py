@@ -209,13 +209,16 @@ class SupervisordBackend:
             return "gone"
         return "running"
 
-    def _wait_gone(self, after: str) -> None:
+    def _wait_answering(self, answering: bool, failure: str) -> None:
+        """Until supervisord answers (``answering``) or no longer does; else BackendUnavailable(failure)."""
         deadline = time.monotonic() + self.timeout
-        while self.running():
+        while self.running() != answering:
             if time.monotonic() >= deadline:
-                raise BackendUnavailable(f"supervisord at {self.socket_path} still answers {self.timeout:g}s after "
-                                         f"{after}", backend=self.kind)
+                raise BackendUnavailable(f"{failure} after {self.timeout:g}s", backend=self.kind)
             time.sleep(0.1)
+
+    def _wait_gone(self, after: str) -> None:
+        self._wait_answering(False, f"supervisord at {self.socket_path} still answers ({after})")
 
     def apply(self) -> list[str]:
         """Make the rendered config take effect: ``supervisorctl reread`` + ``update`` for our programs.
@@ -227,7 +230,7 @@ class SupervisordBackend:
         """
         state = self._daemon_state()
         if state == "shutting down" and self.mode == "standalone":
-            self._wait_gone("its shutdown began")  # a `down` just before: start afresh once it is gone
+            self._wait_gone("since its shutdown began")  # a `down` just before: start afresh once it is gone
             state = "gone"
         if state != "running":
             if self.mode == "include":
@@ -267,12 +270,7 @@ class SupervisordBackend:
         if done.returncode != 0:
             raise ControlError(f"supervisord -c {self.config} failed: {(done.stdout + done.stderr).strip()}",
                                backend=self.kind)
-        deadline = time.monotonic() + self.timeout
-        while not self.running():
-            if time.monotonic() >= deadline:
-                raise BackendUnavailable(f"supervisord started from {self.config} does not answer on "
-                                         f"{self.socket_path} after {self.timeout:g}s", backend=self.kind)
-            time.sleep(0.1)
+        self._wait_answering(True, f"supervisord started from {self.config} does not answer on {self.socket_path}")
 
     def start_all(self) -> list[str]:
         """Start every process of the stack that is stopped, exited or fatal; the names started.
@@ -295,9 +293,11 @@ class SupervisordBackend:
 
     def stop_all(self) -> None:
         """Ask every process to stop at once, then wait: each gets its own stop timeout in parallel."""
-        asked = [name for name in self.programs if self._request_stop_known(name)]
-        if self.stop_wait and (asked or any(i.state == "STOPPING" for i in self.status().values())):
-            # also those another caller (the watchdog) is already stopping: "stopped" means stopped
+        for name in self.programs:
+            self._request_stop_known(name)
+        if self.stop_wait:
+            # every program, not only those asked: also those another caller (the watchdog) is already
+            # stopping; "stopped" means stopped. Nothing busy: one status call.
             self._wait_stopped(list(self.programs))
 
     def _request_stop_known(self, name: str) -> bool:
@@ -317,7 +317,7 @@ class SupervisordBackend:
             pass  # another caller shut it down first: wait for it all the same
         except BackendUnavailable:
             return  # already gone
-        self._wait_gone("shutdown")
+        self._wait_gone("since its shutdown")
 
 
 _SPAWNED = re.compile(r"spawned: '(?P<prog>[^']+)' with pid (?P<pid>\d+)")
