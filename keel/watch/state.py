@@ -2,9 +2,9 @@
 
 ``watchdog.state.json`` is the watchdog's private memory (budget, give-up pid,
 the run it dates ``startup_grace`` from), written atomically after a poll that
-changed it, so a killed watchdog resumes with the budget it had. Nobody else
-reads it: what readers need is published in the watchdog's status
-(``keel.watch.publish``). Monotonic times are valid only within one boot, so
+changed it and before each action's event (``Watchdog.emit``), so a killed
+watchdog resumes with the budget it had. Nobody else reads it: what readers need
+is published in the watchdog's status (``keel.watch.publish``). Monotonic times are valid only within one boot, so
 they are dropped when the boot id changed.
 """
 

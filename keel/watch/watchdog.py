@@ -173,6 +173,9 @@ class Watchdog:
         w = self.watched.get(process) if process is not None else None
         if w is not None and action != "observed":
             w.last_action = LastAction(action, reason, self.wall())
+            # persisted before announced: a watchdog SIGKILLed after this event resumes with the budget it
+            # reports (else its successor counts the same restart again as attempt 1)
+            self._save_state()
         try:
             self.events.append(event)
         except (OSError, TypeError) as exc:

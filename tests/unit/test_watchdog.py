@@ -177,6 +177,23 @@ def test_budget_state_survives_a_new_watchdog(env):
     assert [a for a, _ in env.actions() if a != "signal"] == ["restart", "restart", "restart", "stop"]
 
 
+def test_an_action_is_persisted_before_it_is_announced(env):
+    """A watchdog SIGKILLed just after its restart event must resume with that restart counted."""
+    wd = env.make()
+    seen: dict[str, int] = {}
+    append = wd.events.append
+
+    def record(event: dict) -> None:
+        if event["action"] == "restart":  # what the state file holds as the event goes out
+            seen["attempt"] = json.loads((env.run_dir / STATE_FILE).read_text())["processes"]["w1"]["budget"]["attempt"]
+        append(event)
+
+    wd.events.append = record
+    env.write(hb_age=11)
+    wd.poll_once()
+    assert seen == {"attempt": 1}
+
+
 def test_a_given_up_process_started_again_by_an_operator_is_watched_again(env):
     wd = env.make()
     w = wd.watched["w1"]
